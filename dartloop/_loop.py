@@ -1,0 +1,698 @@
+"""The event-loop turn: Dart's ``handler(event)`` then ``_run_pending_immediate_callback()``.
+
+This module is the heart of dartloop. Two backends share one ordering:
+
+* ``"asyncio"``: a subclass of the stdlib selector loop that owns the turn
+  (``_run_once``): each ready handle runs, then the microtask queue is
+  drained completely, before the next handle runs, timers are looked at or
+  I/O is polled.
+* ``"uvloop"``: a subclass of ``uvloop.Loop``. libuv runs the callbacks, so
+  every callback that reaches Python through the loop's public methods is
+  routed through :meth:`_UVDartLoop._run_event`, which runs it and drains.
+  Protocol callbacks are called by uvloop's C code directly, so protocols are
+  wrapped in a proxy (:mod:`dartloop._protocols`) whose every method drains
+  after it returns.
+
+Microtasks run in the loop's own contextvars context, not in the context of
+whoever scheduled them (capturing a context per microtask halves their
+throughput); strict-mode future callbacks keep the context asyncio gives them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import heapq
+import selectors
+import sys
+import threading
+import weakref
+from asyncio import events
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._errors import _IsolateUnwind
+
+if TYPE_CHECKING:
+    from ._isolate import _IsolateState
+    from ._timers import _TimerQueue
+
+__all__ = ["DartEventLoop", "new_event_loop", "available_backends", "default_backend"]
+
+from asyncio.log import logger  # slow-callback warnings go where asyncio users look
+
+try:
+    import uvloop as _uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+    _uvloop = None
+
+_Future = asyncio.Future
+_MAXIMUM_SELECT_TIMEOUT = 24 * 3600
+# Same pruning thresholds as asyncio's BaseEventLoop.
+_MIN_SCHEDULED_TIMER_HANDLES = 100
+_MIN_CANCELLED_TIMER_HANDLES_FRACTION = 0.5
+
+
+def _format_callback(callback: object, args: tuple[Any, ...], debug: bool) -> str:
+    from asyncio import format_helpers
+
+    try:
+        return format_helpers._format_callback_source(callback, args, debug=debug)  # type: ignore[call-arg]
+    except TypeError:  # Python 3.11/3.12 take no ``debug``
+        return format_helpers._format_callback_source(callback, args)
+
+
+class DartEventLoop(asyncio.AbstractEventLoop):
+    """An asyncio event loop whose turn is the Dart VM's.
+
+    Every event (a ``call_soon``/``call_later``/``call_at``/
+    ``call_soon_threadsafe`` callback, an I/O readiness callback, a protocol
+    callback, a signal handler, a :class:`~dartloop.Timer` callback, a port
+    message) is followed by a complete drain of the microtask queue, including
+    microtasks scheduled by microtasks, before anything else happens. The
+    microtask queue is empty whenever the loop polls for I/O.
+
+    This is the common base of the concrete loop classes; ``isinstance(loop,
+    DartEventLoop)`` is how to recognise a dartloop loop. Create loops with
+    :func:`dartloop.new_event_loop`. ``backend`` is ``"asyncio"`` or
+    ``"uvloop"``; ``strict`` says whether asyncio future callbacks run as
+    microtasks.
+
+    Threads: like any asyncio loop, only ``call_soon_threadsafe`` (and
+    dartloop's ``SendPort.send``) may be called from other threads.
+    """
+
+    backend: str
+    strict: bool
+    _microtasks: collections.deque[tuple[Callable[..., object], tuple[Any, ...]]]
+    _isolate: _IsolateState | None
+    _dart_timers: _TimerQueue | None
+
+    def _dart_setup(self, strict: bool) -> None:
+        self.strict = strict
+        self._microtasks = collections.deque()
+        # Bound once: schedule_microtask looks this up on the running loop.
+        self._mt_append = self._microtasks.append
+        self._isolate = None
+        self._dart_timers = None
+        self._dart_thread_id: int | None = None
+        # Sources that keep a spawned isolate alive and that the backend can't
+        # see itself: keep-alive ports, open NativeCallables, Dart timers,
+        # executor jobs. Read by the isolate's liveness check.
+        self._keepalive = 0
+        self._executor_jobs = 0
+
+    # -- the drain --------------------------------------------------------
+
+    def _run_pending_immediate_callback(self) -> None:
+        """Run every queued microtask, including ones queued meanwhile (FIFO).
+
+        The Dart VM's name for the drain. Called by the loop after every
+        event. An exception escaping a microtask is an uncaught error (see
+        :meth:`_report_uncaught`); the drain then carries on with the next
+        microtask. ``SystemExit`` and ``KeyboardInterrupt`` propagate and
+        leave the rest queued.
+        """
+        q = self._microtasks
+        popleft = q.popleft
+        while q:
+            callback, args = popleft()
+            try:
+                callback(*args)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._report_uncaught(
+                    exc,
+                    {
+                        "message": "Exception in microtask "
+                        + _format_callback(callback, args, self.get_debug()),
+                        "exception": exc,
+                    },
+                )
+
+    def _schedule_microtask(self, callback: Callable[..., object], *args: Any) -> None:
+        """Append a microtask. Loop thread only."""
+        self._mt_append((callback, args))
+
+    # -- uncaught errors --------------------------------------------------
+
+    def _report_uncaught(self, exc: BaseException, context: dict[str, Any]) -> None:
+        """Route an exception that escaped an event or a microtask.
+
+        The root isolate hands it to the loop's exception handler, as asyncio
+        does, and carries on. A spawned isolate sends it to its error
+        listeners and, while errors are fatal, ends (this raises
+        ``_IsolateUnwind`` out of the turn).
+        """
+        iso = self._isolate
+        if iso is not None and iso.spawned:
+            iso.uncaught(exc)
+        else:
+            self.call_exception_handler(context)
+
+    def _report_callback_error(self, exc: BaseException, callback: object, args: tuple[Any, ...], handle: object = None) -> None:
+        context: dict[str, Any] = {
+            "message": "Exception in callback " + _format_callback(callback, args, self.get_debug()),
+            "exception": exc,
+        }
+        if handle is not None:
+            context["handle"] = handle
+            tb = getattr(handle, "_source_traceback", None)
+            if tb:
+                context["source_traceback"] = tb
+        self._report_uncaught(exc, context)
+
+    # -- isolate plumbing -------------------------------------------------
+
+    def run_forever(self) -> None:
+        """Run until ``stop()``; the loop is the root isolate of its thread.
+
+        A loop that is not a spawned isolate becomes the root isolate of the
+        thread that runs it, with ports and ``Isolate.current``.
+        """
+        if self._isolate is None:
+            from ._isolate import _attach_root
+
+            _attach_root(self)
+        self._dart_thread_id = threading.get_ident()
+        super().run_forever()  # type: ignore[safe-super]
+
+    def run_in_executor(self, executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        # A pending executor job keeps a spawned isolate alive.
+        fut = super().run_in_executor(executor, func, *args)  # type: ignore[safe-super]
+        self._executor_jobs += 1
+        fut.add_done_callback(self._executor_job_done)
+        return fut
+
+    def _executor_job_done(self, fut: object) -> None:
+        self._executor_jobs -= 1
+
+    def close(self) -> None:
+        if self.is_running():
+            raise RuntimeError("Cannot close a running event loop")
+        iso = self._isolate
+        if iso is not None and not self.is_closed():
+            iso.loop_closed()
+        super().close()  # type: ignore[safe-super]
+
+    def _dart_has_pending_work(self) -> bool:
+        """True while something queued in dartloop's own structures can run."""
+        return bool(self._microtasks) or self._keepalive > 0 or self._executor_jobs > 0
+
+
+class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignore[misc]
+    """The ``"asyncio"`` backend: stdlib selector loop with an owned turn."""
+
+    backend = "asyncio"
+
+    def __init__(self, selector: selectors.BaseSelector | None = None, *, strict: bool = False) -> None:
+        self._dart_setup(strict)
+        self._wakeup_pending = False
+        # Transports made by this loop, to tell whether a spawned isolate
+        # still has I/O that can produce events (paused readers included).
+        self._dart_transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        super().__init__(selector)
+
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None) -> asyncio.Handle:
+        """Like ``call_soon()``, from any thread, with one wakeup per burst.
+
+        Stock asyncio writes the self-pipe on every call; here a write happens
+        only when no wakeup is pending, so a burst of calls from other threads
+        costs one ``select`` wakeup. The flag is cleared right after
+        ``select`` returns and before the ready queue is measured, so a call
+        that skipped the write is always run by the iteration that follows.
+        """
+        self._check_closed()
+        if self._debug:
+            self._check_callback(callback, "call_soon_threadsafe")
+        handle = self._call_soon(callback, args, context)
+        if handle._source_traceback:
+            del handle._source_traceback[-1]
+        if not self._wakeup_pending:
+            self._wakeup_pending = True
+            self._write_to_self()
+        return handle
+
+    def _track_transport(self, transport: Any) -> Any:
+        self._dart_transports.add(transport)
+        return transport
+
+    def _make_socket_transport(self, *args: Any, **kwargs: Any) -> Any:
+        return self._track_transport(super()._make_socket_transport(*args, **kwargs))
+
+    def _make_ssl_transport(self, *args: Any, **kwargs: Any) -> Any:
+        return self._track_transport(super()._make_ssl_transport(*args, **kwargs))
+
+    def _make_datagram_transport(self, *args: Any, **kwargs: Any) -> Any:
+        return self._track_transport(super()._make_datagram_transport(*args, **kwargs))
+
+    def _make_read_pipe_transport(self, *args: Any, **kwargs: Any) -> Any:
+        return self._track_transport(super()._make_read_pipe_transport(*args, **kwargs))
+
+    def _make_write_pipe_transport(self, *args: Any, **kwargs: Any) -> Any:
+        return self._track_transport(super()._make_write_pipe_transport(*args, **kwargs))
+
+    async def _make_subprocess_transport(self, *args: Any, **kwargs: Any) -> Any:
+        return self._track_transport(await super()._make_subprocess_transport(*args, **kwargs))
+
+    def _dart_is_idle(self) -> bool:
+        """No event can come any more (for a spawned isolate's lifetime rule)."""
+        if self._ready or self._dart_has_pending_work():
+            return False
+        if any(not h._cancelled for h in self._scheduled):
+            return False
+        if self._signal_handlers:
+            return False
+        for transport in self._dart_transports:
+            if not transport.is_closing():
+                return False
+        # The self-pipe is always registered; anything else is user I/O.
+        return len(self._selector.get_map()) <= 1
+
+    def _run_once(self) -> None:
+        """One iteration: poll, then run each ready event followed by a drain.
+
+        Same structure as ``BaseEventLoop._run_once``; the difference is the
+        body of the dispatch loop, which calls the handle's callback directly
+        and then ``_run_pending_immediate_callback()``.
+        """
+        scheduled = self._scheduled
+        sched_count = len(scheduled)
+        if (
+            sched_count > _MIN_SCHEDULED_TIMER_HANDLES
+            and self._timer_cancelled_count / sched_count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION
+        ):
+            live = []
+            for handle in scheduled:
+                if handle._cancelled:
+                    handle._scheduled = False
+                else:
+                    live.append(handle)
+            heapq.heapify(live)
+            self._scheduled = scheduled = live
+            self._timer_cancelled_count = 0
+        else:
+            while scheduled and scheduled[0]._cancelled:
+                self._timer_cancelled_count -= 1
+                handle = heapq.heappop(scheduled)
+                handle._scheduled = False
+
+        ready = self._ready
+        timeout: float | None = None
+        if ready or self._stopping:
+            timeout = 0
+        elif scheduled:
+            timeout = min(max(0.0, scheduled[0]._when - self.time()), _MAXIMUM_SELECT_TIMEOUT)
+        else:
+            iso = self._isolate
+            if iso is not None and iso.spawned and self._dart_is_idle():
+                iso.idle()
+                return
+
+        event_list = self._selector.select(timeout)
+        self._wakeup_pending = False
+        self._process_events(event_list)
+        event_list = None
+
+        end_time = self.time() + self._clock_resolution
+        while scheduled:
+            handle = scheduled[0]
+            if handle._when >= end_time:
+                break
+            handle = heapq.heappop(scheduled)
+            handle._scheduled = False
+            ready.append(handle)
+
+        popleft = ready.popleft
+        microtasks = self._microtasks
+        if self._debug:
+            for _ in range(len(ready)):
+                handle = popleft()
+                if not handle._cancelled:
+                    self._run_handle_debug(handle)
+            return
+        for _ in range(len(ready)):
+            handle = popleft()
+            if handle._cancelled:
+                continue
+            try:
+                handle._context.run(handle._callback, *handle._args)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._report_callback_error(exc, handle._callback, handle._args, handle)
+            if microtasks:
+                self._run_pending_immediate_callback()
+        handle = None
+
+    def _run_handle_debug(self, handle: asyncio.Handle) -> None:
+        # Debug mode: the same dispatch, timed, with asyncio's slow-callback
+        # warning; the drain is timed on its own.
+        self._current_handle = handle
+        try:
+            t0 = self.time()
+            try:
+                handle._context.run(handle._callback, *handle._args)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._report_callback_error(exc, handle._callback, handle._args, handle)
+            dt = self.time() - t0
+            if dt >= self.slow_callback_duration:
+                logger.warning("Executing %s took %.3f seconds", events._format_handle(handle), dt)  # type: ignore[attr-defined]
+        finally:
+            self._current_handle = None
+        if self._microtasks:
+            t0 = self.time()
+            self._run_pending_immediate_callback()
+            dt = self.time() - t0
+            if dt >= self.slow_callback_duration:
+                logger.warning("Microtasks after %s took %.3f seconds", events._format_handle(handle), dt)  # type: ignore[attr-defined]
+
+
+class _StrictMixin:
+    """``strict=True``: asyncio future callbacks run as microtasks.
+
+    A future schedules its done callbacks with ``loop.call_soon(cb, future,
+    context=ctx)`` (both the C and the Python ``Future``), and only then, so a
+    ``call_soon`` whose sole argument is a done future is a future callback.
+    Task steps (``call_soon(step)``, no argument) stay events, so
+    ``create_task`` still starts the task in a later event.
+    """
+
+    def call_soon(self, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None) -> Any:
+        if len(args) == 1 and isinstance(args[0], _Future) and args[0].done():
+            if self.is_closed():  # type: ignore[attr-defined]
+                raise RuntimeError("Event loop is closed")
+            if context is None:
+                self._mt_append((callback, args))  # type: ignore[attr-defined]
+            else:
+                self._mt_append((context.run, (callback, *args)))  # type: ignore[attr-defined]
+            return _MicrotaskHandle(callback, args, self, context)
+        return super().call_soon(callback, *args, context=context)  # type: ignore[misc]
+
+
+class _MicrotaskHandle(asyncio.Handle):
+    """What ``call_soon`` returns for a callback queued as a microtask.
+
+    Futures ignore the handle; ``cancel()`` is accepted but the microtask,
+    already queued, still runs (microtasks can't be withdrawn, as in Dart).
+    """
+
+    __slots__ = ()
+
+
+if _uvloop is not None:
+
+    class _UVDartLoop(DartEventLoop, _uvloop.Loop):  # type: ignore[misc]
+        """The ``"uvloop"`` backend: libuv runs the callbacks, we drain after each.
+
+        Every callback is registered as ``_run_event(ctx, callback, *args)`` in
+        the loop's neutral context: the user's callback runs in its own
+        context (as asyncio would run it), and the drain runs outside it, so
+        a microtask may enter any task's context.
+        """
+
+        backend = "uvloop"
+
+        def __init__(self, *, strict: bool = False) -> None:
+            self._dart_setup(strict)
+            self._neutral_ctx = contextvars.Context()
+            self._dart_run_event = self._run_event
+            self._dart_readers: dict[int, Any] = {}
+            self._dart_writers: dict[int, Any] = {}
+            self._dart_signals: set[int] = set()
+            self._dart_transports: weakref.WeakSet[Any] = weakref.WeakSet()
+            self._dart_servers: weakref.WeakSet[Any] = weakref.WeakSet()
+            # Timer handles that may still fire; pruned when they fire or are
+            # found cancelled.
+            self._dart_timer_handles: set[Any] = set()
+            # Counts events run, for the idle probe (see _dart_probe).
+            self._dart_events = 0
+            self._dart_probe_pending = False
+            # Set by a spawned isolate: check for quiet after every event.
+            self._dart_watch_idle = False
+            self._dart_debug = False
+            super().__init__()
+            self._dart_debug = bool(super().get_debug())
+
+        def set_debug(self, enabled: bool) -> None:
+            # uvloop keeps its flag in C; mirror it for the checks done here.
+            super().set_debug(enabled)
+            self._dart_debug = bool(enabled)
+
+        def _run_event(self, ctx: contextvars.Context, callback: Callable[..., object], *args: Any) -> None:
+            """One event: ``ctx.run(callback, *args)``, then the drain."""
+            self._dart_events += 1
+            try:
+                ctx.run(callback, *args)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._report_callback_error(exc, callback, args)
+            if self._microtasks:
+                self._run_pending_immediate_callback()
+            if self._dart_watch_idle:
+                self._dart_check_idle()
+
+        def _run_timer_event(self, token: list[Any], ctx: contextvars.Context, callback: Callable[..., object], *args: Any) -> None:
+            self._dart_timer_handles.discard(token[0])
+            self._run_event(ctx, callback, *args)
+
+        def call_soon(self, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None) -> Any:
+            if self._dart_debug:
+                self._check_callback_dart(callback, "call_soon")
+            return super().call_soon(
+                self._dart_run_event,
+                context if context is not None else contextvars.copy_context(),
+                callback,
+                *args,
+                context=self._neutral_ctx,
+            )
+
+        def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None) -> Any:
+            if self._dart_debug:
+                self._check_callback_dart(callback, "call_soon_threadsafe")
+            return super().call_soon_threadsafe(
+                self._dart_run_event,
+                context if context is not None else contextvars.copy_context(),
+                callback,
+                *args,
+                context=self._neutral_ctx,
+            )
+
+        # uvloop's call_at() calls self.call_later(), so call_later is the one
+        # place to wrap timer callbacks.
+        def call_later(self, delay: float, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None) -> Any:
+            if self._dart_debug:
+                self._check_callback_dart(callback, "call_later")
+            token: list[Any] = [None]
+            handle = super().call_later(
+                delay,
+                self._run_timer_event,
+                token,
+                context if context is not None else contextvars.copy_context(),
+                callback,
+                *args,
+                context=self._neutral_ctx,
+            )
+            token[0] = handle
+            self._dart_timer_handles.add(handle)
+            return handle
+
+        def _check_callback_dart(self, callback: object, method: str) -> None:
+            if asyncio.iscoroutine(callback) or asyncio.iscoroutinefunction(callback):
+                raise TypeError(f"coroutines cannot be used with {method}()")
+            if not callable(callback):
+                raise TypeError(f"a callable object was expected by {method}(), got {callback!r}")
+
+        def add_reader(self, fd: Any, callback: Callable[..., object], *args: Any) -> None:
+            super().add_reader(fd, self._dart_run_event, contextvars.copy_context(), callback, *args)
+            self._dart_readers[_fileno(fd)] = fd
+
+        def remove_reader(self, fd: Any) -> bool:
+            self._dart_readers.pop(_fileno(fd), None)
+            return bool(super().remove_reader(fd))
+
+        def add_writer(self, fd: Any, callback: Callable[..., object], *args: Any) -> None:
+            super().add_writer(fd, self._dart_run_event, contextvars.copy_context(), callback, *args)
+            self._dart_writers[_fileno(fd)] = fd
+
+        def remove_writer(self, fd: Any) -> bool:
+            self._dart_writers.pop(_fileno(fd), None)
+            return bool(super().remove_writer(fd))
+
+        def add_signal_handler(self, sig: int, callback: Callable[..., object], *args: Any) -> None:
+            if asyncio.iscoroutine(callback) or asyncio.iscoroutinefunction(callback):
+                raise TypeError("coroutines cannot be used with add_signal_handler()")
+            super().add_signal_handler(sig, self._dart_run_event, contextvars.copy_context(), callback, *args)
+            self._dart_signals.add(sig)
+
+        def remove_signal_handler(self, sig: int) -> bool:
+            self._dart_signals.discard(sig)
+            return bool(super().remove_signal_handler(sig))
+
+        # Protocol-creating methods: wrap the protocol so that each of its
+        # callbacks, called by uvloop's C code, is followed by a drain.
+
+        def _wrap_factory(self, protocol_factory: Callable[[], Any]) -> Callable[[], Any]:
+            from ._protocols import wrap_protocol
+
+            def factory() -> Any:
+                return wrap_protocol(self, protocol_factory())
+
+            return factory
+
+        async def create_connection(self, protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+            transport, proto = await super().create_connection(self._wrap_factory(protocol_factory), *args, **kwargs)
+            return transport, _unwrap(proto)
+
+        async def create_unix_connection(self, protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+            transport, proto = await super().create_unix_connection(self._wrap_factory(protocol_factory), *args, **kwargs)
+            return transport, _unwrap(proto)
+
+        async def connect_accepted_socket(self, protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+            transport, proto = await super().connect_accepted_socket(self._wrap_factory(protocol_factory), *args, **kwargs)
+            return transport, _unwrap(proto)
+
+        async def create_datagram_endpoint(self, protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+            transport, proto = await super().create_datagram_endpoint(self._wrap_factory(protocol_factory), *args, **kwargs)
+            return transport, _unwrap(proto)
+
+        async def connect_read_pipe(self, protocol_factory: Callable[[], Any], pipe: Any) -> Any:
+            transport, proto = await super().connect_read_pipe(self._wrap_factory(protocol_factory), pipe)
+            return transport, _unwrap(proto)
+
+        async def connect_write_pipe(self, protocol_factory: Callable[[], Any], pipe: Any) -> Any:
+            transport, proto = await super().connect_write_pipe(self._wrap_factory(protocol_factory), pipe)
+            return transport, _unwrap(proto)
+
+        async def subprocess_exec(self, protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+            transport, proto = await super().subprocess_exec(self._wrap_factory(protocol_factory), *args, **kwargs)
+            return transport, _unwrap(proto)
+
+        async def subprocess_shell(self, protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+            transport, proto = await super().subprocess_shell(self._wrap_factory(protocol_factory), *args, **kwargs)
+            return transport, _unwrap(proto)
+
+        async def create_server(self, protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+            server = await super().create_server(self._wrap_factory(protocol_factory), *args, **kwargs)
+            self._dart_servers.add(server)
+            return server
+
+        async def create_unix_server(self, protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+            server = await super().create_unix_server(self._wrap_factory(protocol_factory), *args, **kwargs)
+            self._dart_servers.add(server)
+            return server
+
+        async def start_tls(self, transport: Any, protocol: Any, *args: Any, **kwargs: Any) -> Any:
+            from ._protocols import wrap_protocol
+
+            return await super().start_tls(transport, wrap_protocol(self, _unwrap(protocol)), *args, **kwargs)
+
+        # Liveness, for spawned isolates. uvloop does not expose its handles,
+        # so what can produce events is tracked here; the ready queue, which
+        # can't be seen either, is covered by the probe.
+
+        def _dart_sources_alive(self) -> bool:
+            if self._dart_has_pending_work():
+                return True
+            if self._dart_readers or self._dart_writers or self._dart_signals:
+                return True
+            live = {h for h in self._dart_timer_handles if not h.cancelled()}
+            self._dart_timer_handles = live
+            if live:
+                return True
+            for transport in self._dart_transports:
+                if not transport.is_closing():
+                    return True
+            for server in self._dart_servers:
+                if server.is_serving():
+                    return True
+            return False
+
+        def _dart_check_idle(self) -> None:
+            """Called after events of a spawned isolate: probe when quiet."""
+            if not self._dart_probe_pending and not self._dart_sources_alive():
+                self._dart_probe_pending = True
+                super().call_soon(self._dart_probe, self._dart_events, context=self._neutral_ctx)
+
+        def _dart_probe(self, events_at_schedule: int) -> None:
+            # The probe was queued behind every event that was ready then. If
+            # no event ran since, nothing is ready now; with no source left,
+            # no event can come any more.
+            self._dart_probe_pending = False
+            iso = self._isolate
+            if iso is None or not iso.spawned:
+                return
+            if self._microtasks or self._dart_sources_alive():
+                return
+            if self._dart_events != events_at_schedule:
+                self._dart_probe_pending = True
+                super().call_soon(self._dart_probe, self._dart_events, context=self._neutral_ctx)
+                return
+            iso.idle()
+
+else:  # pragma: no cover
+    _UVDartLoop = None  # type: ignore[assignment,misc]
+
+
+def _fileno(fd: Any) -> int:
+    return fd if isinstance(fd, int) else int(fd.fileno())
+
+
+def _unwrap(proto: Any) -> Any:
+    return getattr(proto, "_dartloop_target", proto)
+
+
+_CLASSES: dict[tuple[str, bool], type[DartEventLoop]] = {}
+
+
+def _loop_class(backend: str, strict: bool) -> type[DartEventLoop]:
+    key = (backend, strict)
+    cls = _CLASSES.get(key)
+    if cls is None:
+        base: type[DartEventLoop] = _AsyncioDartLoop if backend == "asyncio" else _UVDartLoop  # type: ignore[assignment]
+        if strict:
+            cls = type(base.__name__.replace("Loop", "StrictLoop"), (_StrictMixin, base), {"__module__": __name__})
+        else:
+            cls = base
+        _CLASSES[key] = cls
+    return cls
+
+
+def available_backends() -> tuple[str, ...]:
+    """The backends this interpreter can run: ``("uvloop", "asyncio")`` or ``("asyncio",)``."""
+    return ("uvloop", "asyncio") if _UVDartLoop is not None else ("asyncio",)
+
+
+def default_backend() -> str:
+    """``"uvloop"`` where uvloop is installed, else ``"asyncio"``."""
+    return "uvloop" if _UVDartLoop is not None else "asyncio"
+
+
+def new_event_loop(*, backend: str | None = None, strict: bool = False) -> DartEventLoop:
+    """Create a new dartloop event loop.
+
+    ``backend``: ``"uvloop"``, ``"asyncio"`` (the stdlib selector loop) or
+    ``None`` for uvloop where it is installed, else asyncio. ``strict=True``
+    runs asyncio future callbacks (every ``await`` resumption) as microtasks.
+
+    Any thread may call it. Raises ``ValueError`` for an unknown backend and
+    ``RuntimeError`` if uvloop was asked for but is not installed.
+    """
+    if backend is None:
+        backend = default_backend()
+    elif backend not in ("asyncio", "uvloop"):
+        raise ValueError(f"unknown dartloop backend {backend!r}: expected 'uvloop', 'asyncio' or None")
+    elif backend == "uvloop" and _UVDartLoop is None:
+        raise RuntimeError("the 'uvloop' backend needs uvloop, which is not installed")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, not {type(strict).__name__}")
+    return _loop_class(backend, strict)(strict=strict)
+
+
+if sys.platform == "win32":  # pragma: no cover
+    raise ImportError("dartloop needs a POSIX platform (selector loop with Unix signals)")

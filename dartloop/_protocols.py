@@ -1,0 +1,135 @@
+"""Protocol proxies for the uvloop backend.
+
+uvloop's transports call protocol methods from C, not through the loop's
+ready queue, so the loop can't drain microtasks after them on its own. Each
+protocol a dartloop uvloop loop creates is wrapped in a proxy whose every
+callback calls the real one and then drains: ``data_received`` of two
+connections made readable in one poll see the first one's microtasks run
+before the second one runs. The stdlib backend needs none of this (its
+transports run from the ready queue).
+
+The proxy forwards other attribute reads and writes to the real protocol;
+``create_connection`` and friends return the real protocol, but
+``transport.get_protocol()`` returns the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._loop import DartEventLoop
+
+__all__ = ["wrap_protocol"]
+
+
+def _drained(name: str) -> Callable[..., Any]:
+    def method(self: Any, *args: Any) -> Any:
+        try:
+            return getattr(self._dartloop_target, name)(*args)
+        finally:
+            loop = self._dartloop_loop
+            if loop._microtasks:
+                loop._run_pending_immediate_callback()
+
+    method.__name__ = name
+    return method
+
+
+def _plain(name: str) -> Callable[..., Any]:
+    def method(self: Any, *args: Any) -> Any:
+        return getattr(self._dartloop_target, name)(*args)
+
+    method.__name__ = name
+    return method
+
+
+class _ProxyBase:
+    __slots__ = ("_dartloop_target", "_dartloop_loop")
+    _dartloop_target: Any
+    _dartloop_loop: DartEventLoop
+
+    def __init__(self, loop: DartEventLoop, target: Any) -> None:
+        object.__setattr__(self, "_dartloop_target", target)
+        object.__setattr__(self, "_dartloop_loop", loop)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dartloop_target, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._dartloop_target, name, value)
+
+    def __repr__(self) -> str:
+        return f"<dartloop drain proxy for {self._dartloop_target!r}>"
+
+    def connection_made(self, transport: Any) -> None:
+        self._dartloop_loop._dart_transports.add(transport)  # type: ignore[attr-defined]
+        try:
+            self._dartloop_target.connection_made(transport)
+        finally:
+            loop = self._dartloop_loop
+            if loop._microtasks:
+                loop._run_pending_immediate_callback()
+
+    connection_lost = _drained("connection_lost")
+    pause_writing = _drained("pause_writing")
+    resume_writing = _drained("resume_writing")
+
+
+def _make(name: str, base: type, methods: dict[str, Callable[..., Any]]) -> type:
+    return type(name, (_ProxyBase, base), {"__slots__": (), **methods})
+
+
+_StreamProxy = _make(
+    "_StreamProxy",
+    asyncio.Protocol,
+    {"data_received": _drained("data_received"), "eof_received": _drained("eof_received")},
+)
+_BufferedProxy = _make(
+    "_BufferedProxy",
+    asyncio.BufferedProtocol,
+    {
+        "get_buffer": _plain("get_buffer"),
+        "buffer_updated": _drained("buffer_updated"),
+        "eof_received": _drained("eof_received"),
+    },
+)
+_DatagramProxy = _make(
+    "_DatagramProxy",
+    asyncio.DatagramProtocol,
+    {"datagram_received": _drained("datagram_received"), "error_received": _drained("error_received")},
+)
+_SubprocessProxy = _make(
+    "_SubprocessProxy",
+    asyncio.SubprocessProtocol,
+    {
+        "pipe_data_received": _drained("pipe_data_received"),
+        "pipe_connection_lost": _drained("pipe_connection_lost"),
+        "process_exited": _drained("process_exited"),
+    },
+)
+
+
+def wrap_protocol(loop: DartEventLoop, protocol: Any) -> Any:
+    """Return a draining proxy for ``protocol`` (or ``protocol`` if already one).
+
+    The proxy's class matches the protocol's kind, because uvloop chooses a
+    transport's code path by ``isinstance`` (buffered or not).
+    """
+    if isinstance(protocol, _ProxyBase):
+        return protocol
+    if isinstance(protocol, asyncio.BufferedProtocol) and not isinstance(protocol, asyncio.Protocol):
+        return _BufferedProxy(loop, protocol)
+    if isinstance(protocol, asyncio.SubprocessProtocol):
+        return _SubprocessProxy(loop, protocol)
+    if isinstance(protocol, asyncio.DatagramProtocol):
+        return _DatagramProxy(loop, protocol)
+    if hasattr(protocol, "get_buffer") and not hasattr(protocol, "data_received"):
+        return _BufferedProxy(loop, protocol)
+    if hasattr(protocol, "datagram_received"):
+        return _DatagramProxy(loop, protocol)
+    if hasattr(protocol, "pipe_data_received") or hasattr(protocol, "process_exited"):
+        return _SubprocessProxy(loop, protocol)
+    return _StreamProxy(loop, protocol)
