@@ -16,11 +16,17 @@ from ._futures import future_delayed as future_delayed
 from ._futures import future_microtask as future_microtask
 from ._futures import future_sync as future_sync
 from ._futures import future_value as future_value
+from ._isolate import Isolate as Isolate
 from ._loop import DartEventLoop as DartEventLoop
 from ._loop import available_backends as available_backends
 from ._loop import default_backend as default_backend
 from ._loop import new_event_loop as new_event_loop
+from ._message import TransferableTypedData as TransferableTypedData
 from ._microtasks import schedule_microtask as schedule_microtask
+from ._ports import Capability as Capability
+from ._ports import RawReceivePort as RawReceivePort
+from ._ports import ReceivePort as ReceivePort
+from ._ports import SendPort as SendPort
 from ._runner import EventLoopPolicy as EventLoopPolicy
 from ._runner import run as run
 from ._timers import Timer as Timer
@@ -28,13 +34,19 @@ from ._timers import Timer as Timer
 __version__ = "0.1.0"
 
 __all__ = (
+    "Capability",
     "Completer",
     "DartEventLoop",
     "EventLoopPolicy",
+    "Isolate",
     "IsolateSpawnException",
     "NativeCallbackError",
+    "RawReceivePort",
+    "ReceivePort",
     "RemoteError",
+    "SendPort",
     "Timer",
+    "TransferableTypedData",
     "available_backends",
     "default_backend",
     "future",

@@ -1,35 +1,837 @@
-"""Isolates (placeholder: root isolate state only; completed in the isolate work)."""
+"""Isolates: a dartloop loop pinned to its own thread, talking through ports.
+
+Every running dartloop loop is an isolate. A loop started by ``dartloop.run``,
+``asyncio.run(..., loop_factory=...)``, ``asyncio.Runner`` or
+``run_until_complete`` is the *root* isolate of its thread; ``Isolate.spawn``
+starts a *spawned* isolate on a new thread, with a new loop of the spawner's
+backend and mode.
+
+Control messages (kill, pause, resume, ping, listeners, errors-fatal) go to
+an isolate's out-of-band queue, which the loop serves after the current event
+(and between inbox messages), also while the isolate is paused. Ordinary
+messages and Dart timers wait while it is paused.
+
+A spawned isolate ends when no event can come any more (see
+``DartEventLoop`` liveness), on ``Isolate.exit``, on ``kill``, or on an
+uncaught error while errors are fatal. Then its ports are closed, tasks
+still waiting are cancelled (as ``asyncio.run`` does), its loop is closed,
+and last its exit listeners are told; the thread then ends and is joined by
+whoever waits for it (``Isolate.run``, or the root isolate when it closes).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import ctypes
+import inspect
+import threading
+import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._loop import DartEventLoop
+from ._errors import IsolateSpawnException, RemoteError, _IsolateKilled, _IsolateUnwind
+from ._loop import DartEventLoop, new_event_loop
+from ._message import check_message, prepare_message
+from ._microtasks import running_dart_loop
+from ._ports import Capability, RawReceivePort, SendPort, _PortCore
+
+__all__ = ["Isolate"]
+
+IMMEDIATE = 0
+BEFORE_NEXT_EVENT = 1
+
+# Control message kinds (Dart's numbers).
+_PAUSE, _RESUME, _PING, _KILL, _ADD_EXIT, _DEL_EXIT, _ADD_ERROR, _DEL_ERROR, _ERROR_FATAL = range(1, 10)
+
+_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+# The same function with NULL: clears a pending asynchronous exception.
+_clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+
+_state_by_control: dict[int, _IsolateState] = {}
+_state_lock = threading.Lock()
+
+
+def _describe(exc: BaseException) -> list[str]:
+    """``[description, traceback_text]`` as error listeners get it."""
+    description = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    return [description, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))]
 
 
 class _IsolateState:
-    spawned = False
+    """The isolate side of a loop. Most methods run on the isolate's thread;
+    ``post`` and ``control`` are the thread-safe entry points."""
 
-    def __init__(self, loop: DartEventLoop) -> None:
+    def __init__(
+        self,
+        loop: DartEventLoop | None,
+        *,
+        spawned: bool,
+        debug_name: str | None,
+        errors_are_fatal: bool = True,
+        parent: _IsolateState | None = None,
+    ) -> None:
+        self.loop: DartEventLoop = loop  # type: ignore[assignment]  # set before use for spawned
+        self.spawned = spawned
+        self.debug_name = debug_name
+        self.errors_are_fatal = errors_are_fatal
+        self.parent = parent
+        self.thread_id: int | None = None
+        self.thread: threading.Thread | None = None
+        self.dead = False
+        self.children: weakref.WeakSet[_IsolateState] = weakref.WeakSet()
+        # Open receive ports of this isolate (closed when it ends).
+        self.cores: set[_PortCore] = set()
+        # Messages from other threads: (core, message); one wakeup per burst.
+        self.inbox: collections.deque[tuple[_PortCore, Any]] = collections.deque()
+        self.inbox_scheduled = False
+        # Control actions from any thread, served after the current event.
+        self.oob: collections.deque[tuple[Any, ...]] = collections.deque()
+        self.resume_caps: set[Capability] = set()
+        self.held: collections.deque[Callable[[], None]] = collections.deque()
+        self.exit_listeners: dict[SendPort, Any] = {}
+        self.error_listeners: dict[SendPort, None] = {}
+        self.bequest: tuple[SendPort, Any] | None = None
+        self.in_event = False
+        self.native_queue: Any = None
+        self.pause_capability = Capability()
+        self.terminate_capability = Capability()
+        self.lock = threading.Lock()
+        self._control_core: _PortCore | None = None
+        self.ready = threading.Event()
+        self.spawn_error: BaseException | None = None
+        self.entry: tuple[Callable[[Any], Any], Any] | None = None
+
+    # -- setup ------------------------------------------------------------
+
+    def bind_loop(self, loop: DartEventLoop) -> None:
         self.loop = loop
-        self.paused = False
-        self._held: collections.deque[Callable[[], None]] = collections.deque()
+        loop._isolate = self
+        self.thread_id = threading.get_ident()
+        # The loop checks this deque after every event: control actions run
+        # "before the next event".
+        loop._dart_oob = self.oob
+        self._control_core = _PortCore(self, None, "control", control=True)
+        with _state_lock:
+            _state_by_control[self._control_core.id] = self
+        if self.spawned:
+            loop._dart_watch_idle = True
+
+    @property
+    def control_port(self) -> SendPort:
+        assert self._control_core is not None
+        return SendPort._of(self._control_core)
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.resume_caps)
+
+    # -- messages ---------------------------------------------------------
+
+    def post(self, core: _PortCore, message: Any) -> None:
+        """Queue ``message`` for ``core``'s handler. Any thread; never raises.
+
+        From the isolate's own thread the message is an event in the loop's
+        FIFO. From another thread it goes to the inbox; only the first
+        message of a burst schedules a wakeup. The flag is cleared by the
+        isolate before it empties the inbox, so a message appended after
+        that point schedules its own wakeup and none is stranded.
+        """
+        if self.dead:
+            return
+        if threading.get_ident() == self.thread_id:
+            self.loop.call_soon(self._deliver, core, message)
+            return
+        self.inbox.append((core, message))
+        if not self.inbox_scheduled:
+            self.inbox_scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain_inbox)
+            except RuntimeError:
+                pass  # the loop closed meanwhile: the isolate is gone, drop
+
+    def _deliver(self, core: _PortCore, message: Any) -> None:
+        # One same-thread message; the loop's turn drains microtasks after it.
+        if self.resume_caps:
+            self.hold(lambda: self._deliver(core, message))
+            return
+        handler = core.handler
+        if handler is not None:
+            handler(message)
+
+    def _drain_inbox(self) -> None:
+        """Dispatch the inbox, one message per Dart turn: handler, then drain.
+
+        Handles only what was queued when it started, so a flood from other
+        threads can't starve timers and I/O; the rest gets another event.
+        """
+        self.inbox_scheduled = False
+        inbox = self.inbox
+        popleft = inbox.popleft
+        loop = self.loop
+        microtasks = loop._microtasks
+        oob = self.oob
+        for _ in range(len(inbox)):
+            if oob:
+                self.serve_control()
+            if self.resume_caps:
+                return  # resume() reschedules the drain
+            core, message = popleft()
+            handler = core.handler
+            if handler is None:
+                continue
+            try:
+                handler(message)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                loop._report_callback_error(exc, handler, (message,))
+            if microtasks:
+                loop._run_pending_immediate_callback()
+        if inbox and not self.inbox_scheduled:
+            self.inbox_scheduled = True
+            loop.call_soon(self._drain_inbox)
+
+    def deliver_native(self) -> None:
+        """Reader callback of the native queue's wakeup fd: dispatch its batch."""
+        queue = self.native_queue
+        if queue is None:
+            return
+        loop = self.loop
+        microtasks = loop._microtasks
+        registry = _registry_ref()
+        for port_id, value in queue.drain():
+            core = registry.get(port_id)
+            if core is None or core.isolate is not self:
+                continue
+            if self.resume_caps:
+                self.hold(lambda c=core, v=value: self._deliver(c, v))
+                continue
+            handler = core.handler
+            if handler is None:
+                continue
+            try:
+                handler(value)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                loop._report_callback_error(exc, handler, (value,))
+            if microtasks:
+                loop._run_pending_immediate_callback()
+            if self.oob:
+                self.serve_control()
+
+    def bind_native(self, core: _PortCore) -> None:
+        from .ffi import _queue
+
+        with self.lock:
+            if self.dead or core.closed or core.native_bound:
+                return
+            if self.native_queue is None:
+                self.native_queue = _queue.NativeQueue()
+                self.loop.call_soon_threadsafe(self._watch_native)
+            _queue.bind_port(core.id, self.native_queue)
+            core.native_bound = True
+
+    def _watch_native(self) -> None:
+        queue = self.native_queue
+        if queue is not None and not self.dead:
+            self.loop.add_reader(queue.fileno(), self.deliver_native)
+
+    def unbind_native(self, port_id: int) -> None:
+        from .ffi import _queue
+
+        _queue.unbind_port(port_id)
+
+    # -- pause ------------------------------------------------------------
 
     def hold(self, event: Callable[[], None]) -> None:
-        self._held.append(event)
+        """Keep an ordinary event until the isolate is resumed. Isolate thread."""
+        self.held.append(event)
+        self.loop._keepalive += 1
+
+    def _release_held(self) -> None:
+        held, self.held = self.held, collections.deque()
+        self.loop._keepalive -= len(held)
+        for event in held:
+            self.loop.call_soon(event)
+        if self.inbox and not self.inbox_scheduled:
+            self.inbox_scheduled = True
+            self.loop.call_soon(self._drain_inbox)
+
+    # -- control ----------------------------------------------------------
+
+    def control(self, *action: Any) -> None:
+        """Queue a control action for this isolate. Any thread; never raises."""
+        if self.dead:
+            return
+        self.oob.append(action)
+        if threading.get_ident() == self.thread_id:
+            return  # the loop serves it after the current event
+        try:
+            self.loop.call_soon_threadsafe(self.serve_control)
+        except RuntimeError:
+            pass
+        if action[0] == _KILL and action[2] == IMMEDIATE:
+            self._interrupt()
+
+    def _interrupt(self) -> None:
+        # kill(IMMEDIATE) also stops Python code that is running in the
+        # isolate now, even a loop that never awaits: an asynchronous
+        # exception raised at its next bytecode boundary.
+        with self.lock:
+            if self.dead or not self.in_event or self.thread is None:
+                return
+            ident = self.thread.ident
+            if ident is not None:
+                _set_async_exc(ident, _IsolateKilled)
+
+    def serve_control(self) -> None:
+        """Run queued control actions. Isolate thread, between events."""
+        oob = self.oob
+        while oob:
+            kind, *args = oob.popleft()
+            if kind == _PAUSE:
+                cap = args[0]
+                self.resume_caps.add(cap)
+            elif kind == _RESUME:
+                cap = args[0]
+                if cap in self.resume_caps:
+                    self.resume_caps.discard(cap)
+                    if not self.resume_caps:
+                        self._release_held()
+            elif kind == _PING:
+                port, response, priority = args
+                if priority == IMMEDIATE:
+                    port.send(response)
+                else:
+                    self.loop.call_soon(port.send, response)
+            elif kind == _KILL:
+                raise _IsolateUnwind("isolate terminated by Isolate.kill")
+            elif kind == _ADD_EXIT:
+                port, response = args
+                self.exit_listeners[port] = response
+            elif kind == _DEL_EXIT:
+                self.exit_listeners.pop(args[0], None)
+            elif kind == _ADD_ERROR:
+                self.error_listeners[args[0]] = None
+            elif kind == _DEL_ERROR:
+                self.error_listeners.pop(args[0], None)
+            elif kind == _ERROR_FATAL:
+                self.errors_are_fatal = bool(args[0])
+
+    # -- errors and the end -----------------------------------------------
 
     def uncaught(self, exc: BaseException) -> None:
-        raise NotImplementedError
+        """An uncaught error: tell the error listeners; end if errors are fatal."""
+        report = _describe(exc)
+        for port in list(self.error_listeners):
+            port.send(report)
+        if self.errors_are_fatal:
+            self.loop._microtasks.clear()
+            raise _IsolateUnwind("isolate terminated by an uncaught error") from exc
 
     def idle(self) -> None:
-        raise NotImplementedError
+        """No event can come any more: stop the loop; the thread main ends the isolate."""
+        self.loop.stop()
 
     def loop_closed(self) -> None:
-        pass
+        """The loop is closing (root isolate): close ports, end spawned children."""
+        if not self.spawned:
+            self._shutdown_children()
+            self._mark_dead()
+
+    def _shutdown_children(self) -> None:
+        for child in list(self.children):
+            child.control(_KILL, child.terminate_capability, IMMEDIATE)
+        for child in list(self.children):
+            if child.thread is not None and child.thread is not threading.current_thread():
+                child.thread.join()
+
+    def _mark_dead(self) -> None:
+        with self.lock:
+            if self.dead:
+                return
+            self.dead = True
+        for core in list(self.cores):
+            core.close()
+        if self._control_core is not None:
+            with _state_lock:
+                _state_by_control.pop(self._control_core.id, None)
+            self._control_core.close()
+        queue, self.native_queue = self.native_queue, None
+        if queue is not None:
+            try:
+                if not self.loop.is_closed():
+                    self.loop.remove_reader(queue.fileno())
+            except Exception:  # pragma: no cover - loop already torn down
+                pass
+            queue.close()
+        self.inbox.clear()
+        self.oob.clear()
+
+    # -- the spawned isolate's thread ---------------------------------------
+
+    def thread_main(self, backend: str, strict: bool) -> None:
+        loop: DartEventLoop | None = None
+        try:
+            try:
+                loop = new_event_loop(backend=backend, strict=strict)
+                self.bind_loop(loop)
+                loop.call_soon(self._run_entry)
+            except BaseException as exc:  # pragma: no cover - resource exhaustion
+                self.spawn_error = exc
+                return
+            finally:
+                self.ready.set()
+            self.in_event = True
+            try:
+                loop.run_forever()
+            except _IsolateUnwind:
+                pass  # Isolate.exit, kill, or a fatal uncaught error
+        finally:
+            if loop is not None:
+                self._finish(loop)
+
+    def _disarm(self) -> None:
+        """Make sure no kill(IMMEDIATE) exception can land during the cleanup."""
+        while True:
+            try:
+                with self.lock:
+                    self.in_event = False
+                    ident = threading.get_ident()
+                    _clear_async_exc(ident, None)
+                return
+            except _IsolateKilled:
+                continue
+
+    def _run_entry(self) -> None:
+        assert self.entry is not None
+        entry, message = self.entry
+        self.entry = None
+        result = entry(message)
+        if inspect.isawaitable(result):
+            task = self.loop.create_task(_as_coroutine(result))
+            task.add_done_callback(self._entry_done)
+
+    def _entry_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            assert exc is not None
+            if isinstance(exc, _IsolateUnwind):
+                return  # the task's step already unwound the isolate
+            self.loop._report_uncaught(exc, {"message": "Exception in isolate entry point", "exception": exc})
+
+    def _finish(self, loop: DartEventLoop) -> None:
+        """End the isolate: close ports, cancel tasks, close the loop, tell listeners."""
+        self._disarm()
+        self._mark_dead()
+        try:
+            self._cancel_leftovers(loop)
+        except _IsolateUnwind:
+            pass  # a leftover task called Isolate.exit or raised fatally
+        try:
+            loop.close()
+        except Exception:  # pragma: no cover
+            pass
+        bequest, self.bequest = self.bequest, None
+        if bequest is not None:
+            port, message = bequest
+            if not port._core.closed:
+                port._core.isolate.post(port._core, message)
+        for port, response in list(self.exit_listeners.items()):
+            port.send(response)
+
+    def _cancel_leftovers(self, loop: DartEventLoop) -> None:
+        if loop.is_closed():
+            return
+        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop._microtasks.clear()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        if loop._dart_used_executor:
+            # Only when an executor was made: shutting it down starts a thread.
+            loop.run_until_complete(loop.shutdown_default_executor())
 
 
-def _attach_root(loop: DartEventLoop) -> Any:
-    loop._isolate = _IsolateState(loop)
-    return loop._isolate
+async def _as_coroutine(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _registry_ref() -> dict[int, _PortCore]:
+    from ._ports import _registry
+
+    return _registry
+
+
+def _attach_root(loop: DartEventLoop) -> _IsolateState:
+    """Make ``loop`` the root isolate of the current thread (called by run_forever)."""
+    iso = _IsolateState(None, spawned=False, debug_name="main")
+    iso.bind_loop(loop)
+    return iso
+
+
+def _current_state(what: str) -> _IsolateState:
+    loop = running_dart_loop(what)
+    iso = loop._isolate
+    assert iso is not None
+    return iso
+
+
+class _IsolateMeta(type):
+    @property
+    def current(cls) -> Isolate:
+        """The isolate running in this thread (``RuntimeError`` if none)."""
+        iso = _current_state("Isolate.current")
+        return Isolate._of(iso)
+
+
+class Isolate(metaclass=_IsolateMeta):
+    """A handle on an isolate: its control port and capabilities.
+
+    Get one from :meth:`spawn` or :attr:`Isolate.current`; ``Isolate(control_port,
+    pause_capability=..., terminate_capability=...)`` builds a restricted
+    handle from parts. Control methods may be called from any thread that
+    runs a dartloop loop; they return at once and act on the target isolate
+    after its current event (control messages are served also while it is
+    paused). An ``Isolate`` object can't be sent; its control port and
+    capabilities can.
+    """
+
+    IMMEDIATE = IMMEDIATE
+    BEFORE_NEXT_EVENT = BEFORE_NEXT_EVENT
+    __dartloop_unsendable__ = True
+
+    def __init__(
+        self,
+        control_port: SendPort,
+        *,
+        pause_capability: Capability | None = None,
+        terminate_capability: Capability | None = None,
+        debug_name: str | None = None,
+    ) -> None:
+        if not isinstance(control_port, SendPort):
+            raise TypeError(f"Isolate(): control_port must be a SendPort, got {type(control_port).__name__}")
+        self.control_port = control_port
+        # The isolate itself, when this handle came from spawn or current
+        # (kept after it died, to join its thread).
+        self._state: _IsolateState | None = None
+        self.pause_capability = pause_capability
+        self.terminate_capability = terminate_capability
+        self._debug_name = debug_name
+
+    @classmethod
+    def _of(cls, iso: _IsolateState) -> Isolate:
+        handle = cls(
+            iso.control_port,
+            pause_capability=iso.pause_capability,
+            terminate_capability=iso.terminate_capability,
+            debug_name=iso.debug_name,
+        )
+        handle._state = iso
+        return handle
+
+    @property
+    def debug_name(self) -> str | None:
+        return self._debug_name
+
+    def _target(self) -> _IsolateState | None:
+        with _state_lock:
+            return _state_by_control.get(self.control_port._core.id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Isolate) and other.control_port == self.control_port
+
+    def __hash__(self) -> int:
+        return hash(self.control_port)
+
+    def __repr__(self) -> str:
+        return f"<dartloop.Isolate {self._debug_name!r} {self.control_port._core.id:#x}>"
+
+    # -- spawning ---------------------------------------------------------
+
+    @staticmethod
+    async def spawn(
+        entry: Callable[[Any], Any],
+        message: Any,
+        *,
+        paused: bool = False,
+        errors_are_fatal: bool = True,
+        on_exit: SendPort | None = None,
+        on_error: SendPort | None = None,
+        debug_name: str | None = None,
+    ) -> Isolate:
+        """Start ``entry(message)`` in a new isolate on a new thread.
+
+        The new isolate uses the backend and mode of the calling one; its
+        entry point runs as its first event (``entry`` may be ``async``).
+        ``message`` crosses like a ``send``. ``on_exit``/``on_error`` are
+        registered before any user code runs. The returned future completes
+        once the isolate exists.
+
+        Raises ``IsolateSpawnException`` for a non-callable entry,
+        ``TypeError`` for an unsendable message (nothing is started), and
+        ``RuntimeError`` without a running dartloop loop in this thread.
+        """
+        parent = _current_state("Isolate.spawn()")
+        return await _spawn(parent, entry, message, paused=paused, errors_are_fatal=errors_are_fatal,
+                            on_exit=on_exit, on_error=on_error, debug_name=debug_name)
+
+    @staticmethod
+    async def run(computation: Callable[..., Any], *args: Any, debug_name: str | None = None, **kwargs: Any) -> Any:
+        """Run ``computation(*args, **kwargs)`` in a new isolate and return its result.
+
+        The result comes back without a copy (``Isolate.exit``). An exception
+        raised by ``computation`` is raised here with the same type, its
+        ``__cause__`` a ``RemoteError`` holding the remote traceback. An
+        error that can't be sent back, an uncaught error of the isolate, or
+        an isolate that ends without a result raise ``RemoteError`` (the
+        last: "Computation ended without result"). The isolate's thread is
+        joined before this returns.
+        """
+        parent = _current_state("Isolate.run()")
+        if not callable(computation):
+            raise IsolateSpawnException(f"Isolate.run(): computation must be callable, got {type(computation).__name__}")
+        loop = parent.loop
+        result: asyncio.Future[Any] = loop.create_future()
+
+        def on_response(response: Any) -> None:
+            port.close()
+            if result.done():
+                return
+            if response is None:
+                result.set_exception(RemoteError("Computation ended without result", ""))
+            elif type(response) is list:
+                result.set_exception(RemoteError(str(response[0]), str(response[1] or "")))
+            elif response[0] == "ok":
+                result.set_result(response[1])
+            else:
+                _, exc, description, trace = response
+                exc.__cause__ = RemoteError(description, trace)
+                result.set_exception(exc)
+
+        port = RawReceivePort(on_response, debug_name="Isolate.run")
+        try:
+            child = await _spawn(parent, _remote_run, (port.send_port, computation, args, kwargs),
+                                 paused=False, errors_are_fatal=True, on_exit=port.send_port,
+                                 on_error=port.send_port,
+                                 debug_name=debug_name or getattr(computation, "__qualname__", None))
+        except BaseException:
+            port.close()
+            raise
+        try:
+            return await result
+        finally:
+            if child._state is not None:
+                await _join(child._state)
+
+    # -- exit -------------------------------------------------------------
+
+    @staticmethod
+    def exit(port: SendPort | None = None, message: Any = None) -> None:
+        """End the current isolate at once; never returns.
+
+        ``message`` goes to ``port`` without a copy (checked like ``send``),
+        before any exit notification. Python ``finally`` blocks on the way
+        out still run (Python can't skip them, unlike the Dart VM). Raises
+        ``TypeError`` for an unsendable message (and does not exit).
+        """
+        iso = _current_state("Isolate.exit()")
+        if port is not None:
+            if not isinstance(port, SendPort):
+                raise TypeError(f"Isolate.exit(): port must be a SendPort or None, got {type(port).__name__}")
+            check_message(message)
+            iso.bequest = (port, message)
+        if not iso.spawned:
+            iso.loop._microtasks.clear()
+            bequest, iso.bequest = iso.bequest, None
+            if bequest is not None:
+                bequest[0]._core.isolate.post(bequest[0]._core, bequest[1])
+        raise _IsolateUnwind("isolate terminated by Isolate.exit")
+
+    # -- control ----------------------------------------------------------
+
+    def _control(self, *action: Any) -> None:
+        target = self._target()
+        if target is not None:
+            target.control(*action)
+
+    def kill(self, priority: int = BEFORE_NEXT_EVENT) -> None:
+        """End the isolate (needs the terminate capability).
+
+        ``BEFORE_NEXT_EVENT`` (default): after its current event.
+        ``IMMEDIATE``: as soon as possible, interrupting Python code running
+        in it; killing the current isolate this way does not return.
+        """
+        _check_priority(priority)
+        target = self._target()
+        if target is None or self.terminate_capability != target.terminate_capability:
+            return
+        if priority == IMMEDIATE and target.thread_id == threading.get_ident():
+            raise _IsolateKilled("isolate terminated by Isolate.kill")
+        target.control(_KILL, self.terminate_capability, priority)
+
+    def pause(self, capability: Capability | None = None) -> Capability:
+        """Pause the isolate; returns the capability that resumes it.
+
+        Ordinary messages and timers wait, in order, until every distinct
+        pause capability is resumed; control messages are still served.
+        Needs the pause capability (ignored otherwise).
+        """
+        if capability is None:
+            capability = Capability()
+        elif not isinstance(capability, Capability):
+            raise TypeError(f"pause(): capability must be a Capability or None, got {type(capability).__name__}")
+        target = self._target()
+        if target is not None and self.pause_capability == target.pause_capability:
+            target.control(_PAUSE, capability)
+        return capability
+
+    def resume(self, capability: Capability) -> None:
+        """End the pause made with ``capability``; a wrong one is ignored."""
+        if not isinstance(capability, Capability):
+            raise TypeError(f"resume(): capability must be a Capability, got {type(capability).__name__}")
+        target = self._target()
+        if target is not None and self.pause_capability == target.pause_capability:
+            target.control(_RESUME, capability)
+
+    def ping(self, port: SendPort, response: Any = None, priority: int = IMMEDIATE) -> None:
+        """Ask the isolate to send ``response`` to ``port`` (a simple value)."""
+        _check_priority(priority)
+        _check_simple(response, "ping()")
+        self._control(_PING, port, response, priority)
+
+    def add_on_exit_listener(self, port: SendPort, response: Any = None) -> None:
+        """``port`` gets ``response`` as the isolate's last act. Re-adding replaces the response."""
+        _check_port(port, "add_on_exit_listener()")
+        _check_simple(response, "add_on_exit_listener()")
+        self._control(_ADD_EXIT, port, response)
+
+    def remove_on_exit_listener(self, port: SendPort) -> None:
+        _check_port(port, "remove_on_exit_listener()")
+        self._control(_DEL_EXIT, port)
+
+    def add_error_listener(self, port: SendPort) -> None:
+        """``port`` gets ``[description, traceback_text]`` for each uncaught error."""
+        _check_port(port, "add_error_listener()")
+        self._control(_ADD_ERROR, port)
+
+    def remove_error_listener(self, port: SendPort) -> None:
+        _check_port(port, "remove_error_listener()")
+        self._control(_DEL_ERROR, port)
+
+    def set_errors_fatal(self, flag: bool) -> None:
+        """Whether an uncaught error ends the isolate (needs the terminate capability)."""
+        target = self._target()
+        if target is not None and self.terminate_capability == target.terminate_capability:
+            target.control(_ERROR_FATAL, bool(flag))
+
+
+def _check_priority(priority: int) -> None:
+    if priority not in (IMMEDIATE, BEFORE_NEXT_EVENT):
+        raise ValueError(f"priority must be Isolate.IMMEDIATE or Isolate.BEFORE_NEXT_EVENT, got {priority!r}")
+
+
+def _check_port(port: object, what: str) -> None:
+    if not isinstance(port, SendPort):
+        raise TypeError(f"{what}: port must be a SendPort, got {type(port).__name__}")
+
+
+def _check_simple(value: object, what: str) -> None:
+    if value is not None and type(value) not in (bool, int, float, str, SendPort, Capability):
+        raise TypeError(f"{what}: the response must be a simple value (None, bool, int, float, str, SendPort, Capability), got {type(value).__name__}")
+
+
+async def _spawn(
+    parent: _IsolateState,
+    entry: Callable[[Any], Any],
+    message: Any,
+    *,
+    paused: bool,
+    errors_are_fatal: bool,
+    on_exit: SendPort | None,
+    on_error: SendPort | None,
+    debug_name: str | None,
+) -> Isolate:
+    if not callable(entry):
+        raise IsolateSpawnException(f"Isolate.spawn(): entry point must be callable, got {type(entry).__name__} {entry!r}")
+    if on_exit is not None:
+        _check_port(on_exit, "Isolate.spawn(on_exit=...)")
+    if on_error is not None:
+        _check_port(on_error, "Isolate.spawn(on_error=...)")
+    payload = prepare_message(message)
+    if debug_name is None:
+        debug_name = getattr(entry, "__qualname__", None) or repr(entry)
+    child = _IsolateState(None, spawned=True, debug_name=debug_name, errors_are_fatal=errors_are_fatal, parent=parent)
+    child.entry = (entry, payload)
+    if paused:
+        child.resume_caps.add(child.pause_capability)
+    if on_exit is not None:
+        child.exit_listeners[on_exit] = None
+    if on_error is not None:
+        child.error_listeners[on_error] = None
+    loop = parent.loop
+    thread = threading.Thread(
+        target=child.thread_main,
+        args=(loop.backend, loop.strict),
+        name=f"dartloop-isolate-{debug_name}",
+        daemon=True,
+    )
+    child.thread = thread
+    parent.children.add(child)
+    thread.start()
+    # The child only creates its loop and queues the entry before it signals:
+    # tens of microseconds, cheaper to wait for than a loop round trip.
+    child.ready.wait()
+    if child.spawn_error is not None:
+        raise IsolateSpawnException(f"Unable to spawn isolate: {child.spawn_error!r}") from child.spawn_error
+    return Isolate._of(child)
+
+
+async def _join(state: _IsolateState) -> None:
+    thread = state.thread
+    if thread is None or thread is threading.current_thread():
+        return
+    # The exit message is the isolate's last act, so the thread is at its
+    # very end by now: a short wait, not worth an executor hop.
+    thread.join(0.5)
+    if thread.is_alive():
+        await asyncio.get_running_loop().run_in_executor(None, thread.join)
+
+
+def _remote_run(message: tuple[SendPort, Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> Any:
+    port, computation, args, kwargs = message
+    try:
+        result = computation(*args, **kwargs)
+    except BaseException as exc:
+        if isinstance(exc, _IsolateUnwind):
+            raise
+        _exit_with_error(port, exc)
+    if inspect.isawaitable(result):
+        return _remote_await(port, result)
+    Isolate.exit(port, ("ok", result))
+
+
+async def _remote_await(port: SendPort, awaitable: Any) -> None:
+    try:
+        result = await awaitable
+    except BaseException as exc:
+        if isinstance(exc, (_IsolateUnwind, asyncio.CancelledError)):
+            raise
+        _exit_with_error(port, exc)
+    Isolate.exit(port, ("ok", result))
+
+
+def _exit_with_error(port: SendPort, exc: BaseException) -> None:
+    description, trace = _describe(exc)
+    # If the exception can't be sent, check_message raises TypeError here,
+    # which becomes the isolate's uncaught error: the caller gets RemoteError.
+    Isolate.exit(port, ("error", exc, description, trace))

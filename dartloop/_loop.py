@@ -102,6 +102,10 @@ class DartEventLoop(asyncio.AbstractEventLoop):
         # executor jobs. Read by the isolate's liveness check.
         self._keepalive = 0
         self._executor_jobs = 0
+        self._dart_used_executor = False
+        # The isolate's control queue (set by the isolate); served after
+        # every event so that control actions run before the next event.
+        self._dart_oob: collections.deque[Any] = collections.deque()
 
     # -- the drain --------------------------------------------------------
 
@@ -182,6 +186,7 @@ class DartEventLoop(asyncio.AbstractEventLoop):
     def run_in_executor(self, executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         # A pending executor job keeps a spawned isolate alive.
         fut = super().run_in_executor(executor, func, *args)  # type: ignore[safe-super]
+        self._dart_used_executor = True
         self._executor_jobs += 1
         fut.add_done_callback(self._executor_job_done)
         return fut
@@ -327,11 +332,14 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
 
         popleft = ready.popleft
         microtasks = self._microtasks
+        oob = self._dart_oob
         if self._debug:
             for _ in range(len(ready)):
                 handle = popleft()
                 if not handle._cancelled:
                     self._run_handle_debug(handle)
+                    if oob:
+                        self._isolate.serve_control()  # type: ignore[union-attr]
             return
         for _ in range(len(ready)):
             handle = popleft()
@@ -345,6 +353,8 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
                 self._report_callback_error(exc, handle._callback, handle._args, handle)
             if microtasks:
                 self._run_pending_immediate_callback()
+            if oob:
+                self._isolate.serve_control()  # type: ignore[union-attr]
         handle = None
 
     def _run_handle_debug(self, handle: asyncio.Handle) -> None:
@@ -454,6 +464,8 @@ if _uvloop is not None:
                 self._report_callback_error(exc, callback, args)
             if self._microtasks:
                 self._run_pending_immediate_callback()
+            if self._dart_oob:
+                self._isolate.serve_control()  # type: ignore[union-attr]
             if self._dart_watch_idle:
                 self._dart_check_idle()
 
