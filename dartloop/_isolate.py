@@ -97,6 +97,9 @@ class _IsolateState:
         self.exit_listeners: dict[SendPort, Any] = {}
         self.error_listeners: dict[SendPort, None] = {}
         self.bequest: tuple[SendPort, Any] | None = None
+        # C threads waiting in NativeCallable.blocking calls to this isolate;
+        # woken with the exceptional return on pause or death.
+        self.blocking_calls: set[Any] = set()
         self.in_event = False
         self.native_queue: Any = None
         self.pause_capability = Capability()
@@ -299,6 +302,7 @@ class _IsolateState:
             if kind == _PAUSE:
                 cap = args[0]
                 self.resume_caps.add(cap)
+                self._fail_blocking_calls()
             elif kind == _RESUME:
                 cap = args[0]
                 if cap in self.resume_caps:
@@ -353,11 +357,18 @@ class _IsolateState:
             if child.thread is not None and child.thread is not threading.current_thread():
                 child.thread.join()
 
+    def _fail_blocking_calls(self) -> None:
+        with self.lock:
+            calls, self.blocking_calls = self.blocking_calls, set()
+        for call in calls:
+            call.fail()
+
     def _mark_dead(self) -> None:
         with self.lock:
             if self.dead:
                 return
             self.dead = True
+        self._fail_blocking_calls()
         for core in list(self.cores):
             core.close()
         if self._control_core is not None:
@@ -383,7 +394,12 @@ class _IsolateState:
             try:
                 loop = new_event_loop(backend=backend, strict=strict)
                 self.bind_loop(loop)
-                loop.call_soon(self._run_entry)
+                if self.resume_caps:
+                    # spawn(paused=True): the entry is the first ordinary
+                    # event, held until the pause capability is resumed.
+                    self.hold(self._run_entry)
+                else:
+                    loop.call_soon(self._run_entry)
             except BaseException as exc:  # pragma: no cover - resource exhaustion
                 self.spawn_error = exc
                 return

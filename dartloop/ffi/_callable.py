@@ -1,0 +1,381 @@
+"""``NativeCallable``: C function pointers that call back into an isolate.
+
+The Dart VM aborts the process when C calls a Dart callback from a thread
+that is not the isolate's ("Cannot invoke native callback outside an
+isolate"). dartloop gives the three answers Dart has, or goes further:
+
+* ``listener``: from any thread, the call is queued as one event on the owner
+  isolate (FIFO with its other events) and returns at once;
+* ``isolate_local``: runs synchronously, but only on the owner isolate's
+  thread; elsewhere the callback does not run, the C caller gets
+  ``exceptional_return`` and a ``NativeCallbackError`` reaches the owner's
+  uncaught-error path (instead of an abort);
+* ``blocking`` (beyond Dart): the calling thread waits until the owner has
+  run the callback (plain or ``async``) and gets its result.
+
+Every callable owns a port of the owner isolate: its events travel through
+it, and ``keep_isolate_alive`` is that port's flag. A function pointer stays
+valid for the life of the process, also after ``close()`` (the ctypes thunk
+is kept), so a late call from C is dropped safely instead of jumping into
+freed memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import inspect
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .._errors import NativeCallbackError, _IsolateUnwind
+from .._isolate import _IsolateState
+from .._microtasks import running_dart_loop
+from .._ports import RawReceivePort
+
+__all__ = ["NativeCallable"]
+
+_CFuncPtr = ctypes._CFuncPtr  # type: ignore[attr-defined]
+_FUNCFLAG_PYTHONAPI = getattr(ctypes, "_FUNCFLAG_PYTHONAPI", 0x4)
+
+# Thunks of closed callables: C may still hold their addresses.
+_retired: list[Any] = []
+_retired_lock = threading.Lock()
+
+_OUTSIDE = "Cannot invoke native callback outside an isolate"
+
+
+def _check_functype(functype: object, what: str) -> type:
+    if not (isinstance(functype, type) and issubclass(functype, _CFuncPtr)):
+        raise TypeError(
+            f"{what}: functype must be a ctypes function type made with ctypes.CFUNCTYPE(...), "
+            f"got {functype!r}"
+        )
+    if functype._flags_ & _FUNCFLAG_PYTHONAPI:  # type: ignore[attr-defined]
+        raise TypeError(
+            f"{what}: {functype.__name__} is a PYFUNCTYPE (it assumes the caller holds the GIL); "
+            "use ctypes.CFUNCTYPE so that any thread can call it"
+        )
+    return functype
+
+
+def _check_callback(callback: object, what: str) -> None:
+    if not callable(callback):
+        raise TypeError(f"{what}: callback must be callable, got {type(callback).__name__} {callback!r}")
+
+
+def _exceptional(functype: type, value: object, what: str) -> object:
+    """The value C gets when the callback can't give one, checked now."""
+    restype = functype._restype_  # type: ignore[attr-defined]
+    if restype is None:
+        if value is not None:
+            raise TypeError(f"{what}: exceptional_return must be None for a function returning void")
+        return None
+    if value is None:
+        return restype().value  # the type's zero: 0, 0.0, NULL
+    try:
+        restype(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"{what}: exceptional_return {value!r} can't be converted to the return type {restype.__name__}"
+        ) from exc
+    return value
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+class NativeCallable:
+    """A C function pointer whose calls reach a Python callback on its owner isolate.
+
+    Make one with :meth:`listener`, :meth:`isolate_local` or :meth:`blocking`
+    on the thread of the isolate that should own it (a running dartloop
+    loop; ``RuntimeError`` otherwise). ``functype`` is a ``ctypes.CFUNCTYPE``
+    type. Hand ``.pointer`` (the ctypes function pointer) or ``.address``
+    (an ``int``) to C.
+
+    Thread: create and close on the owner isolate's thread; the pointer may
+    be called from any thread, also threads Python never saw.
+    """
+
+    __dartloop_unsendable__ = True
+
+    _kind: str
+    _pointer: Any
+    _port: RawReceivePort
+    _isolate: _IsolateState
+    _functype: type
+
+    def __init__(self) -> None:
+        raise TypeError("use NativeCallable.listener(), .isolate_local() or .blocking()")
+
+    @classmethod
+    def _create(cls, kind: str, functype: type, port_handler: Callable[[Any], object], debug_name: str) -> NativeCallable:
+        self = object.__new__(cls)
+        loop = running_dart_loop(f"NativeCallable.{kind}()")
+        assert loop._isolate is not None
+        self._kind = kind
+        self._functype = functype
+        self._isolate = loop._isolate
+        self._port = RawReceivePort(port_handler, debug_name=debug_name)
+        self._pointer = None
+        return self
+
+    # -- constructors -----------------------------------------------------
+
+    @classmethod
+    def listener(cls, functype: type, callback: Callable[..., object]) -> NativeCallable:
+        """A pointer that queues ``callback(*args)`` as an event on this isolate.
+
+        Callable from any thread; the call returns at once, and the callback
+        runs later on the owner isolate (never in the calling thread, also
+        when called on the owner's own thread), followed by the microtask
+        drain. Calls from one thread run in order. ``functype`` must return
+        void (``None``); ``TypeError`` otherwise. After ``close()``, or once
+        the isolate has ended, calls are dropped.
+        """
+        what = "NativeCallable.listener()"
+        _check_functype(functype, what)
+        _check_callback(callback, what)
+        if functype._restype_ is not None:  # type: ignore[attr-defined]
+            raise TypeError(
+                f"{what}: a listener can't return a value to C (the call returns before the callback runs); "
+                f"{functype.__name__} returns {functype._restype_.__name__}, use restype None"  # type: ignore[attr-defined]
+            )
+
+        def handler(args: tuple[Any, ...]) -> None:
+            callback(*args)
+
+        self = cls._create("listener", functype, handler, "NativeCallable.listener")
+        core = self._port._core
+        post = self._isolate.post
+
+        # ctypes builds fresh, immutable-or-private argument objects for
+        # every call, so they cross without the message copier.
+        def trampoline(*args: Any) -> None:
+            if not core.closed:
+                post(core, args)
+
+        self._pointer = functype(trampoline)
+        return self
+
+    @classmethod
+    def isolate_local(cls, functype: type, callback: Callable[..., Any], *, exceptional_return: Any = None) -> NativeCallable:
+        """A pointer that runs ``callback(*args)`` synchronously on the owner's thread.
+
+        Called on the owner isolate's thread, the callback runs at once
+        (nested in whatever Python code called into C; no turn, no drain)
+        and its result goes back to C. Called from any other thread, the
+        callback does not run, C gets ``exceptional_return``, and a
+        ``NativeCallbackError("Cannot invoke native callback outside an
+        isolate")`` reaches the owner isolate's uncaught-error path. If the
+        callback raises, C gets ``exceptional_return`` and the exception is
+        an uncaught error of the owner isolate, raised in its next event.
+        ``exceptional_return`` ``None`` means the return type's zero.
+        """
+        what = "NativeCallable.isolate_local()"
+        _check_functype(functype, what)
+        _check_callback(callback, what)
+        fallback = _exceptional(functype, exceptional_return, what)
+        self = cls._create("isolate_local", functype, _raise, "NativeCallable.isolate_local")
+        core = self._port._core
+        iso = self._isolate
+        owner = iso.thread_id
+        post = iso.post
+
+        def trampoline(*args: Any) -> Any:
+            if core.closed:
+                return fallback
+            if threading.get_ident() != owner:
+                post(core, NativeCallbackError(_OUTSIDE))
+                return fallback
+            try:
+                return callback(*args)
+            except BaseException as exc:
+                # The exception can't cross the C frames: report it from
+                # the owner's next event instead.
+                post(core, exc)
+                return fallback
+
+        self._pointer = functype(trampoline)
+        return self
+
+    @classmethod
+    def blocking(
+        cls,
+        functype: type,
+        callback: Callable[..., Any],
+        *,
+        exceptional_return: Any = None,
+        timeout: float | None = None,
+    ) -> NativeCallable:
+        """A pointer whose caller waits for ``callback(*args)`` to run on the owner.
+
+        From another thread, the call is queued as an event on the owner
+        isolate and the calling thread blocks (without the GIL) until the
+        callback, plain or ``async``, has finished; C gets its result. On the
+        owner's own thread it runs inline (an ``async`` callback must then
+        finish without suspending). C gets ``exceptional_return`` instead
+        after ``timeout`` seconds, if the callback raises (also reported as
+        an uncaught error), or if the owner is paused, killed or gone, now
+        or while the caller waits: no thread is left waiting forever on a
+        dead or paused isolate.
+        """
+        what = "NativeCallable.blocking()"
+        _check_functype(functype, what)
+        _check_callback(callback, what)
+        fallback = _exceptional(functype, exceptional_return, what)
+        if timeout is not None:
+            from .._timers import check_duration
+
+            timeout = check_duration(timeout, what)
+            if timeout < 0:
+                raise ValueError(f"{what}: timeout must not be negative, got {timeout!r}")
+
+        self = cls._create("blocking", functype, _run_blocking_call, "NativeCallable.blocking")
+        core = self._port._core
+        iso = self._isolate
+        owner = iso.thread_id
+        post = iso.post
+        is_async = inspect.iscoroutinefunction(callback)
+
+        def trampoline(*args: Any) -> Any:
+            if core.closed or iso.dead:
+                return fallback
+            if threading.get_ident() == owner:
+                return _run_inline(callback, args, fallback, post, core)
+            if iso.resume_caps:
+                return fallback  # paused: it would not run until resumed
+            call = _BlockingCall(callback, args, is_async, fallback)
+            with iso.lock:
+                if iso.dead:
+                    return fallback
+                iso.blocking_calls.add(call)
+            post(core, call)
+            call.done.wait(timeout)
+            with iso.lock:
+                iso.blocking_calls.discard(call)
+                call.abandoned = True
+            return call.result if call.finished else fallback
+
+        self._pointer = functype(trampoline)
+        return self
+
+    # -- the handle -------------------------------------------------------
+
+    @property
+    def pointer(self) -> Any:
+        """The ctypes function pointer. ``RuntimeError`` once closed."""
+        if self._port.is_closed:
+            raise RuntimeError(f"NativeCallable.{self._kind} is already closed")
+        return self._pointer
+
+    @property
+    def address(self) -> int:
+        """The function pointer's address as an ``int``. ``RuntimeError`` once closed."""
+        return ctypes.cast(self.pointer, ctypes.c_void_p).value or 0
+
+    @property
+    def keep_isolate_alive(self) -> bool:
+        """Whether this open callable keeps its isolate alive (default ``True``)."""
+        return self._port.keep_isolate_alive
+
+    @keep_isolate_alive.setter
+    def keep_isolate_alive(self, flag: bool) -> None:
+        # Ignored once closed, as in Dart.
+        self._port.keep_isolate_alive = flag
+
+    @property
+    def is_closed(self) -> bool:
+        return self._port.is_closed
+
+    def close(self) -> None:
+        """Stop delivering calls; later calls from C are dropped safely. Idempotent.
+
+        Safe to call inside the callback. The function pointer stays valid.
+        """
+        if self._port.is_closed:
+            return
+        self._port.close()
+        with _retired_lock:
+            _retired.append(self._pointer)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.is_closed else "open"
+        return f"<dartloop.ffi.NativeCallable.{self._kind} {self._functype.__name__} {state}>"
+
+
+class _BlockingCall:
+    """One waiting C call: the arguments in, the result out."""
+
+    __slots__ = ("callback", "args", "is_async", "result", "finished", "abandoned", "done")
+
+    def __init__(self, callback: Callable[..., Any], args: tuple[Any, ...], is_async: bool, fallback: Any) -> None:
+        self.callback = callback
+        self.args = args
+        self.is_async = is_async
+        self.result = fallback
+        self.finished = False
+        self.abandoned = False
+        self.done = threading.Event()
+
+    def finish(self, value: Any) -> None:
+        self.result = value
+        self.finished = True
+        self.done.set()
+
+    def fail(self) -> None:
+        """Wake the caller with the exceptional return (isolate paused or gone)."""
+        self.abandoned = True
+        self.done.set()
+
+
+def _run_blocking_call(call: _BlockingCall) -> None:
+    # The port handler on the owner isolate: one event per C call.
+    if call.abandoned:
+        return
+    try:
+        result = call.callback(*call.args)
+    except BaseException:
+        call.done.set()
+        raise
+    if inspect.isawaitable(result):
+        task = asyncio.ensure_future(result)
+
+        def finished(t: asyncio.Future[Any]) -> None:
+            if t.cancelled():
+                call.done.set()
+            elif t.exception() is not None:
+                call.done.set()
+                exc = t.exception()
+                assert exc is not None
+                if not isinstance(exc, _IsolateUnwind):
+                    t.get_loop()._report_uncaught(exc, {"message": "Exception in blocking native callback", "exception": exc})  # type: ignore[attr-defined]
+            elif not call.abandoned:
+                call.finish(t.result())
+
+        task.add_done_callback(finished)
+    elif not call.abandoned:
+        call.finish(result)
+
+
+def _run_inline(callback: Callable[..., Any], args: tuple[Any, ...], fallback: Any, post: Callable[..., None], core: Any) -> Any:
+    try:
+        result = callback(*args)
+        if inspect.iscoroutine(result):
+            # No event loop turn can happen here (the loop's thread is inside
+            # C), so the coroutine must finish without suspending.
+            try:
+                result.send(None)
+            except StopIteration as stop:
+                return stop.value
+            result.close()
+            raise NativeCallbackError(
+                "an async blocking callback called on its own isolate's thread must finish without suspending"
+            )
+        return result
+    except BaseException as exc:
+        post(core, exc)
+        return fallback
