@@ -75,20 +75,24 @@ The error says where the offending object is::
 
 - ``[i]``: item ``i`` of a list or tuple (also of a list-like object rebuilt through
   reduce, such as a list subclass or a ``deque``);
-- ``[key]``: the value under ``key`` in a dict (``repr(key)``, cut to 60 characters);
+- ``[key]``: the value under ``key`` in a dict, or a dict-like object rebuilt through
+  reduce (``repr(key)``, cut to 60 characters with ``...``);
 - ``list(...)[i]``: key ``i`` of a dict, or member ``i`` of a set or frozenset, in
   iteration order;
 - ``.name``: an attribute (an instance ``__dict__`` or slot, a named tuple field, the
-  ``__self__`` or ``__func__`` of a bound method);
+  ``__self__`` or ``__func__`` of a bound method); ``getattr(..., 'name')`` when the
+  name is not an identifier;
 - ``<arg i>``: argument ``i`` that ``__reduce_ex__`` asks to rebuild the object with;
 - ``<state>``: the state ``__reduce_ex__`` returned, when it is not an attribute dict.
 
-A path without ``<...>`` steps is a Python expression: evaluated with ``message``
-bound to the message, it gives the offending object. When the copy of an object
-failed, the original exception is the ``TypeError``'s ``__cause__``.
+A path without ``<...>`` steps, whose keys' reprs evaluate back to the keys, is a
+Python expression: evaluated with ``message`` bound to the message, it gives the
+offending object. When the copy of an object failed, the original exception is the
+``TypeError``'s ``__cause__``.
 
-A message nested deeper than about half of :func:`sys.getrecursionlimit` raises
-:exc:`RecursionError`, as ``copy.deepcopy`` does.
+The copy recurses: a message nested deeper than about half of
+:func:`sys.getrecursionlimit` may raise :exc:`RecursionError`, as ``copy.deepcopy``
+does.
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ import types
 import weakref
 from collections.abc import Callable, Iterable
 from operator import is_
-from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias, TypeVar, cast
 
 if TYPE_CHECKING:
     if sys.version_info >= (3, 12):
@@ -117,6 +121,8 @@ if TYPE_CHECKING:
         from typing_extensions import Buffer
 
 __all__ = ("TransferableTypedData", "check_message", "prepare_message")
+
+_T = TypeVar("_T")
 
 
 class TransferableTypedData:
@@ -388,9 +394,9 @@ def _is_plain(cls: type) -> bool:
     """True if ``__reduce_ex__(4)`` would rebuild an instance as ``cls.__new__(cls)``
     plus a copy of its ``__dict__``, so the copier may do just that, faster."""
     return (
-        cls.__new__ is object.__new__
-        and cls.__reduce_ex__ is object.__reduce_ex__
-        and cls.__reduce__ is object.__reduce__
+        getattr(cls, "__new__", None) is object.__new__
+        and getattr(cls, "__reduce_ex__", None) is object.__reduce_ex__
+        and getattr(cls, "__reduce__", None) is object.__reduce__
         and getattr(cls, "__getstate__", None) is _object_getstate
         and not hasattr(cls, "__setstate__")
         and not hasattr(cls, "__getnewargs_ex__")
@@ -646,7 +652,7 @@ def _copy_frozenset(
     # as copy.deepcopy does for tuples.
     y = memo.get(id(x), _missing)
     if y is not _missing:
-        return y  # type: ignore[return-value]
+        return cast("frozenset[Any]", y)
     y = x if all(map(is_, members, out)) else frozenset(out)
     memo[id(x)] = y
     return y
@@ -675,7 +681,7 @@ def _copy_tuple(
         raise
     y = memo.get(id(x), _missing)  # see _copy_frozenset
     if y is not _missing:
-        return y  # type: ignore[return-value]
+        return cast("tuple[Any, ...]", y)
     # A tuple of shared things is shared, even when they had to be looked into;
     # memoizing it spares walking it again if it is reached again.
     y = x if all(map(is_, x, out)) else tuple(out)
@@ -737,7 +743,10 @@ def _refuse(x: Any, memo: Any) -> NoReturn:
 def _copy_plain(x: Any, memo: _Memo, _atomic: frozenset[type] = _ATOMIC) -> Any:
     # What copy._reconstruct does with object.__reduce_ex__(4)'s value for such a
     # class, without building that value.
-    y = object.__new__(type(x))
+    try:
+        y = object.__new__(type(x))
+    except Exception as exc:  # an abstract method added to the class since, say
+        raise _Unsendable(type(x), exc) from None
     memo[id(x)] = y
     state = x.__dict__
     if not state:
@@ -780,7 +789,7 @@ def _copy_namedtuple(
                 raise
     y = memo.get(id(x), _missing)  # see _copy_frozenset
     if y is not _missing:
-        return y  # type: ignore[return-value]
+        return cast("tuple[Any, ...]", y)
     if all(map(is_, x, out)):
         y = x
     else:
@@ -791,7 +800,7 @@ def _copy_namedtuple(
         except Exception as exc:
             raise _Unsendable(cls, exc) from None
     memo[id(x)] = y
-    return y  # type: ignore[return-value]
+    return cast("tuple[Any, ...]", y)
 
 
 def _copy_via_deepcopy(x: Any, memo: _Memo) -> Any:
@@ -953,7 +962,7 @@ def _copier_for(cls: type) -> _Copier:
     return copier
 
 
-def prepare_message(message: object) -> object:
+def prepare_message(message: _T) -> _T:
     """Return what the receiver of *message* gets, after checking that it can be sent.
 
     Shared values come back as the same objects, mutable ones as deep copies that keep
@@ -969,7 +978,7 @@ def prepare_message(message: object) -> object:
             type and its path in the message (``message[2]['key'] is a _thread.lock:
             it can't be sent between isolates``), and ``__cause__`` is the error the
             copy of that object raised, if any. Nothing has been delivered then.
-        RecursionError: if *message* is nested too deeply.
+        RecursionError: if *message* is nested too deeply (see the module docstring).
     """
     cls = type(message)
     atomic = _ATOMIC
@@ -978,24 +987,24 @@ def prepare_message(message: object) -> object:
     # A flat list or dict at the top is the most common message: one shallow copy and
     # one pass of type checks, without a memo (nothing in it can be reached twice).
     if cls is list:
-        y = message.copy()  # type: ignore[attr-defined]
-        for v in y:
+        items: list[Any] = message.copy()  # type: ignore[attr-defined]
+        for v in items:
             if type(v) not in atomic:
                 break
         else:
-            return y
+            return items  # type: ignore[return-value]
     elif cls is dict:
-        y = message.copy()  # type: ignore[attr-defined]
-        for k, v in y.items():
+        mapping: dict[Any, Any] = message.copy()  # type: ignore[attr-defined]
+        for k, v in mapping.items():
             if type(k) not in atomic or type(v) not in atomic:
                 break
         else:
-            return y
+            return mapping  # type: ignore[return-value]
     try:
         copier = _COPIERS.get(cls)
         if copier is None:
             copier = _copier_for(cls)
-        return copier(message, {})
+        return copier(message, {})  # type: ignore[no-any-return]
     except _Unsendable as e:
         raise e.type_error() from e.cause
 
@@ -1007,9 +1016,7 @@ def prepare_message(message: object) -> object:
 # iterator items) alive so that their ids can't be reused.
 
 
-def _check(
-    x: Any, seen: _Seen, _atomic: frozenset[type] = _ATOMIC
-) -> None:
+def _check(x: Any, seen: _Seen, _atomic: frozenset[type] = _ATOMIC) -> None:
     cls = type(x)
     if cls in _atomic:
         return
@@ -1196,7 +1203,7 @@ def check_message(message: object) -> None:
 
     Raises:
         TypeError: as :func:`prepare_message`.
-        RecursionError: if *message* is nested too deeply.
+        RecursionError: if *message* is nested too deeply (see the module docstring).
     """
     cls = type(message)
     atomic = _ATOMIC

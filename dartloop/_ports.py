@@ -70,6 +70,13 @@ class Capability:
     def __repr__(self) -> str:
         return f"<dartloop.Capability {self._id:#x}>"
 
+    # Immutable tokens: copying one gives the same token.
+    def __copy__(self) -> Capability:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Capability:
+        return self
+
 
 class _PortCore:
     """The receiving end's state, shared by the receive port and its send ports."""
@@ -176,6 +183,12 @@ class SendPort:
 
     def __reduce__(self) -> Any:
         raise TypeError("a SendPort can't be pickled; send it through a port instead")
+
+    def __copy__(self) -> SendPort:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SendPort:
+        return self
 
 
 def _check_handler(handler: object, what: str) -> None:
