@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
+import functools
 import inspect
 import threading
 import traceback
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from ._errors import IsolateSpawnException, RemoteError, _IsolateKilled, _IsolateUnwind
 from ._loop import DartEventLoop, new_event_loop
@@ -94,6 +95,9 @@ class _IsolateState:
         self.oob: collections.deque[tuple[Any, ...]] = collections.deque()
         self.resume_caps: set[Capability] = set()
         self.held: collections.deque[Callable[[], None]] = collections.deque()
+        # Held events run one per turn after a resume (see _pump).
+        self.pump_scheduled = False
+        self.pumping = False
         self.exit_listeners: dict[SendPort, Any] = {}
         self.error_listeners: dict[SendPort, None] = {}
         self.bequest: tuple[SendPort, Any] | None = None
@@ -102,6 +106,8 @@ class _IsolateState:
         self.blocking_calls: set[Any] = set()
         self.in_event = False
         self.native_queue: Any = None
+        # Ports bound to native_queue (posts from C reach them).
+        self.native_ports: set[int] = set()
         self.pause_capability = Capability()
         self.terminate_capability = Capability()
         self.lock = threading.Lock()
@@ -132,7 +138,13 @@ class _IsolateState:
 
     @property
     def paused(self) -> bool:
-        return bool(self.resume_caps)
+        """Whether an ordinary event (a message, a Dart timer) must wait now.
+
+        While the isolate is paused, and after it was resumed until every
+        event held meanwhile has run (they run one per turn, see
+        :meth:`_pump`): an event that comes meanwhile queues behind them.
+        """
+        return bool(self.resume_caps) or (bool(self.held) and not self.pumping)
 
     # -- messages ---------------------------------------------------------
 
@@ -160,9 +172,16 @@ class _IsolateState:
 
     def _deliver(self, core: _PortCore, message: Any) -> None:
         # One same-thread message; the loop's turn drains microtasks after it.
-        if self.resume_caps:
-            self.hold(lambda: self._deliver(core, message))
+        if self.resume_caps or self.held:
+            self.hold(functools.partial(self._dispatch, core, message))
             return
+        handler = core.handler
+        if handler is not None:
+            handler(message)
+
+    @staticmethod
+    def _dispatch(core: _PortCore, message: Any) -> None:
+        # A held message, run by _pump: the handler, if the port still has one.
         handler = core.handler
         if handler is not None:
             handler(message)
@@ -182,8 +201,12 @@ class _IsolateState:
         for _ in range(len(inbox)):
             if oob:
                 self.serve_control()
-            if self.resume_caps:
-                return  # resume() reschedules the drain
+            if self.resume_caps or self.held:
+                # Paused, or events held by a pause still waiting to run:
+                # the rest of the inbox waits behind them, in order.
+                while inbox:
+                    self.hold(functools.partial(self._dispatch, *popleft()))
+                return
             core, message = popleft()
             handler = core.handler
             if handler is None:
@@ -212,8 +235,8 @@ class _IsolateState:
             core = registry.get(port_id)
             if core is None or core.isolate is not self:
                 continue
-            if self.resume_caps:
-                self.hold(lambda c=core, v=value: self._deliver(c, v))
+            if self.resume_caps or self.held:
+                self.hold(functools.partial(self._dispatch, core, value))
                 continue
             handler = core.handler
             if handler is None:
@@ -240,6 +263,7 @@ class _IsolateState:
                 self.loop.call_soon_threadsafe(self._watch_native)
             _queue.bind_port(core.id, self.native_queue)
             core.native_bound = True
+            self.native_ports.add(core.id)
 
     def _watch_native(self) -> None:
         queue = self.native_queue
@@ -247,9 +271,27 @@ class _IsolateState:
             self.loop.add_reader(queue.fileno(), self.deliver_native)
 
     def unbind_native(self, port_id: int) -> None:
+        """A native-bound port closed. Isolate thread.
+
+        With its last native-bound port the isolate stops watching (and
+        closes) its native queue: the reader is I/O, which would keep a
+        spawned isolate alive for ever. A later ``native_port`` makes a new
+        queue.
+        """
         from .ffi import _queue
 
         _queue.unbind_port(port_id)
+        with self.lock:
+            self.native_ports.discard(port_id)
+            if self.native_ports or self.native_queue is None:
+                return
+            queue, self.native_queue = self.native_queue, None
+        try:
+            if not self.loop.is_closed():
+                self.loop.remove_reader(queue.fileno())
+        except Exception:  # pragma: no cover - loop already torn down
+            pass
+        queue.close()
 
     # -- pause ------------------------------------------------------------
 
@@ -259,13 +301,35 @@ class _IsolateState:
         self.loop._keepalive += 1
 
     def _release_held(self) -> None:
-        held, self.held = self.held, collections.deque()
-        self.loop._keepalive -= len(held)
-        for event in held:
-            self.loop.call_soon(event)
+        """The pause ended: run the held events, in order, one per turn."""
+        if self.held and not self.pump_scheduled:
+            self.pump_scheduled = True
+            self.loop.call_soon(self._pump)
         if self.inbox and not self.inbox_scheduled:
             self.inbox_scheduled = True
             self.loop.call_soon(self._drain_inbox)
+
+    def _pump(self) -> None:
+        """Run the oldest held event as this turn's event; queue the next.
+
+        Until the backlog is empty, ordinary events that come meanwhile are
+        held behind it (see :attr:`paused`), so the order in which the loop
+        reached them is kept across a pause.
+        """
+        self.pump_scheduled = False
+        held = self.held
+        if self.resume_caps or not held:
+            return  # paused again: the next resume restarts the pump
+        event = held.popleft()
+        self.loop._keepalive -= 1
+        if held:
+            self.pump_scheduled = True
+            self.loop.call_soon(self._pump)
+        self.pumping = True
+        try:
+            event()
+        finally:
+            self.pumping = False
 
     # -- control ----------------------------------------------------------
 
@@ -316,7 +380,7 @@ class _IsolateState:
                 else:
                     self.loop.call_soon(port.send, response)
             elif kind == _KILL:
-                raise _IsolateUnwind("isolate terminated by Isolate.kill")
+                self.unwind("isolate terminated by Isolate.kill")
             elif kind == _ADD_EXIT:
                 port, response = args
                 self.exit_listeners[port] = response
@@ -337,8 +401,28 @@ class _IsolateState:
         for port in list(self.error_listeners):
             port.send(report)
         if self.errors_are_fatal:
-            self.loop._microtasks.clear()
-            raise _IsolateUnwind("isolate terminated by an uncaught error") from exc
+            self.unwind("isolate terminated by an uncaught error", cause=exc)
+
+    def unwind(self, reason: str, *, cause: BaseException | None = None, kind: type[_IsolateUnwind] = _IsolateUnwind) -> NoReturn:
+        """End the isolate from its own thread: raise ``kind`` out of the turn.
+
+        A spawned isolate first stops taking work, so that nothing of it
+        runs on the way out: its ports close (queued messages are dropped),
+        its Dart timers are cancelled, its queued microtasks dropped, and its
+        tasks cancelled. This matters on uvloop, which runs the rest of its
+        ready queue after a ``SystemExit`` escaped a callback, before
+        ``run_forever`` returns; on the asyncio backend the same is done by
+        the thread main afterwards. (Plain asyncio callbacks already queued
+        with ``call_soon`` may still run meanwhile on uvloop, as they would
+        while ``asyncio.run`` cancels leftover tasks.)
+        """
+        if self.spawned:
+            loop = self.loop
+            self._mark_dead()
+            _drop_dart_work(loop)
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+        raise kind(reason) from cause
 
     def idle(self) -> None:
         """No event can come any more: stop the loop; the thread main ends the isolate."""
@@ -447,10 +531,20 @@ class _IsolateState:
         """End the isolate: close ports, cancel tasks, close the loop, tell listeners."""
         self._disarm()
         self._mark_dead()
+        # Nothing of the isolate's own queues runs any more: its ports are
+        # closed (queued messages are dropped), its Dart timers cancelled, its
+        # queued microtasks dropped. Only leftover asyncio tasks get to run,
+        # to be cancelled.
+        _drop_dart_work(loop)
         try:
             self._cancel_leftovers(loop)
         except _IsolateUnwind:
             pass  # a leftover task called Isolate.exit or raised fatally
+        except Exception as exc:  # e.g. a cancelled task that never ends
+            try:
+                loop.call_exception_handler({"message": f"error while ending isolate {self.debug_name!r}", "exception": exc})
+            except Exception:  # pragma: no cover
+                pass
         try:
             loop.close()
         except Exception:  # pragma: no cover
@@ -470,12 +564,47 @@ class _IsolateState:
         for task in tasks:
             task.cancel()
         if tasks:
+            if loop._microtasks:
+                # Kept task wake-ups (strict mode) run in the drain after
+                # an event: make sure one comes.
+                loop.call_soon(_noop)
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         loop._microtasks.clear()
-        loop.run_until_complete(loop.shutdown_asyncgens())
+        # Each of these runs the loop again: only when there is something to
+        # shut down (most isolates have neither).
+        if loop._dart_used_asyncgens:
+            loop.run_until_complete(loop.shutdown_asyncgens())
         if loop._dart_used_executor:
-            # Only when an executor was made: shutting it down starts a thread.
-            loop.run_until_complete(loop.shutdown_default_executor())
+            # Only when an executor was made: shutting it down starts a thread,
+            # which the liveness check can't see; counted as an executor job
+            # so that the loop is not stopped as idle meanwhile.
+            loop._executor_jobs += 1
+            try:
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                loop._executor_jobs -= 1
+
+
+def _noop() -> None:
+    pass
+
+
+def _drop_dart_work(loop: DartEventLoop) -> None:
+    """Drop what the isolate's own queues still hold: its queued microtasks
+    and its Dart timers (an ending isolate runs none of them).
+
+    In strict mode asyncio future callbacks are microtasks too; those are
+    kept, since cancelling the leftover tasks needs their wake-ups.
+    """
+    timers = loop._dart_timers
+    if timers is not None:
+        for timer in [*timers._zero, *timers._heap]:
+            timer.cancel()
+    microtasks = loop._microtasks
+    if microtasks:
+        kept = [mt for mt in microtasks if mt[1] and isinstance(mt[1][-1], asyncio.Future)] if loop.strict else []
+        microtasks.clear()
+        microtasks.extend(kept)
 
 
 async def _as_coroutine(awaitable: Any) -> Any:
@@ -671,7 +800,7 @@ class Isolate(metaclass=_IsolateMeta):
             bequest, iso.bequest = iso.bequest, None
             if bequest is not None:
                 bequest[0]._core.isolate.post(bequest[0]._core, bequest[1])
-        raise _IsolateUnwind("isolate terminated by Isolate.exit")
+        iso.unwind("isolate terminated by Isolate.exit")
 
     # -- control ----------------------------------------------------------
 
@@ -692,7 +821,7 @@ class Isolate(metaclass=_IsolateMeta):
         if target is None or self.terminate_capability != target.terminate_capability:
             return
         if priority == IMMEDIATE and target.thread_id == threading.get_ident():
-            raise _IsolateKilled("isolate terminated by Isolate.kill")
+            target.unwind("isolate terminated by Isolate.kill", kind=_IsolateKilled)
         target.control(_KILL, self.terminate_capability, priority)
 
     def pause(self, capability: Capability | None = None) -> Capability:

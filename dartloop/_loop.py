@@ -24,11 +24,12 @@ import asyncio
 import collections
 import contextvars
 import heapq
+import os
 import selectors
 import sys
 import threading
 import weakref
-from asyncio import events
+from asyncio import base_events
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,19 @@ try:
     import uvloop as _uvloop
 except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
     _uvloop = None
+
+# The optional C accelerator (dartloop/_speedups.c): C versions of the hot
+# paths below, same behaviour. The pure-Python code in this module is the
+# reference and runs whenever SPEEDUPS is None: the extension was not built,
+# or DARTLOOP_NO_EXTENSIONS=1. new_event_loop() reads SPEEDUPS when it builds
+# a loop, so tests can set it to None to get the pure path (see
+# _loop_class and the accelerated classes at the end of this module).
+SPEEDUPS: Any = None
+if os.environ.get("DARTLOOP_NO_EXTENSIONS") != "1":
+    try:
+        from . import _speedups as SPEEDUPS
+    except ImportError:
+        pass
 
 _Future = asyncio.Future
 _MAXIMUM_SELECT_TIMEOUT = 24 * 3600
@@ -103,6 +117,9 @@ class DartEventLoop(asyncio.AbstractEventLoop):
         self._keepalive = 0
         self._executor_jobs = 0
         self._dart_used_executor = False
+        # Set once an async generator started here: only then does an
+        # ending isolate need to run shutdown_asyncgens().
+        self._dart_used_asyncgens = False
         # The isolate's control queue (set by the isolate); served after
         # every event so that control actions run before the next event.
         self._dart_oob: collections.deque[Any] = collections.deque()
@@ -194,6 +211,10 @@ class DartEventLoop(asyncio.AbstractEventLoop):
     def _executor_job_done(self, fut: object) -> None:
         self._executor_jobs -= 1
 
+    def _asyncgen_firstiter_hook(self, agen: Any) -> None:
+        self._dart_used_asyncgens = True
+        super()._asyncgen_firstiter_hook(agen)  # type: ignore[misc]
+
     def close(self) -> None:
         if self.is_running():
             raise RuntimeError("Cannot close a running event loop")
@@ -211,6 +232,27 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
     """The ``"asyncio"`` backend: stdlib selector loop with an owned turn."""
 
     backend = "asyncio"
+
+    # Performance, not behaviour: dartloop's own attributes live in slots so
+    # that the instance __dict__ holds only asyncio's ~24. Past 30 keys
+    # CPython (3.11-3.13) stops sharing the dict's keys and every
+    # ``self._ready``/``self._debug`` in asyncio's Python code gets slower:
+    # that alone cost ~10% on call_soon chains. Attributes added later still
+    # work (they go to __dict__); tests/test_speedups.py checks the count.
+    __slots__ = (
+        "strict",
+        "_microtasks",
+        "_mt_append",
+        "_isolate",
+        "_dart_timers",
+        "_dart_thread_id",
+        "_keepalive",
+        "_executor_jobs",
+        "_dart_used_executor",
+        "_dart_oob",
+        "_wakeup_pending",
+        "_dart_transports",
+    )
 
     def __init__(self, selector: selectors.BaseSelector | None = None, *, strict: bool = False) -> None:
         self._dart_setup(strict)
@@ -371,7 +413,7 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
                 self._report_callback_error(exc, handle._callback, handle._args, handle)
             dt = self.time() - t0
             if dt >= self.slow_callback_duration:
-                logger.warning("Executing %s took %.3f seconds", events._format_handle(handle), dt)  # type: ignore[attr-defined]
+                logger.warning("Executing %s took %.3f seconds", base_events._format_handle(handle), dt)  # type: ignore[attr-defined]
         finally:
             self._current_handle = None
         if self._microtasks:
@@ -379,7 +421,7 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
             self._run_pending_immediate_callback()
             dt = self.time() - t0
             if dt >= self.slow_callback_duration:
-                logger.warning("Microtasks after %s took %.3f seconds", events._format_handle(handle), dt)  # type: ignore[attr-defined]
+                logger.warning("Microtasks after %s took %.3f seconds", base_events._format_handle(handle), dt)  # type: ignore[attr-defined]
 
 
 class _StrictMixin:
@@ -412,6 +454,45 @@ class _MicrotaskHandle(asyncio.Handle):
     """
 
     __slots__ = ()
+
+
+class _DebugEvent:
+    """Debug mode, uvloop backend: the event wrapper of one callback.
+
+    uvloop names a handle after the callable it was given (reprs, "Executing
+    <Handle ...> took 0.2 seconds"): outside debug mode that is dartloop's
+    shared event runner. In debug mode each callback gets one of these,
+    which calls ``run(*args)`` and answers ``__qualname__``, ``__name__``
+    and ``__self__`` (a task's wake-up shows as the task) with the user's
+    callback's.
+    """
+
+    __slots__ = ("_run", "_callback", "_args")
+
+    def __init__(self, run: Callable[..., object], callback: object, args: tuple[Any, ...]) -> None:
+        self._run = run
+        self._callback = callback
+        self._args = args
+
+    def __call__(self) -> None:
+        self._run(*self._args)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("__qualname__", "__name__", "__self__"):
+            return getattr(self._callback, name)
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        return repr(self._callback)
+
+
+def _drop_own_frames(handle: Any, count: int) -> Any:
+    # Debug mode: uvloop records the stack where a handle was made; drop
+    # dartloop's own frames so that "created at" points at the caller.
+    tb = handle._source_traceback
+    if tb:
+        del tb[-count:]
+    return handle
 
 
 if _uvloop is not None:
@@ -476,6 +557,9 @@ if _uvloop is not None:
         def call_soon(self, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None) -> Any:
             if self._dart_debug:
                 self._check_callback_dart(callback, "call_soon")
+                ctx = context if context is not None else contextvars.copy_context()
+                event = _DebugEvent(self._dart_run_event, callback, (ctx, callback, *args))
+                return _drop_own_frames(super().call_soon(event, context=self._neutral_ctx), 1)
             return super().call_soon(
                 self._dart_run_event,
                 context if context is not None else contextvars.copy_context(),
@@ -487,6 +571,9 @@ if _uvloop is not None:
         def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None) -> Any:
             if self._dart_debug:
                 self._check_callback_dart(callback, "call_soon_threadsafe")
+                ctx = context if context is not None else contextvars.copy_context()
+                event = _DebugEvent(self._dart_run_event, callback, (ctx, callback, *args))
+                return _drop_own_frames(super().call_soon_threadsafe(event, context=self._neutral_ctx), 1)
             return super().call_soon_threadsafe(
                 self._dart_run_event,
                 context if context is not None else contextvars.copy_context(),
@@ -501,15 +588,20 @@ if _uvloop is not None:
             if self._dart_debug:
                 self._check_callback_dart(callback, "call_later")
             token: list[Any] = [None]
-            handle = super().call_later(
-                delay,
-                self._run_timer_event,
-                token,
-                context if context is not None else contextvars.copy_context(),
-                callback,
-                *args,
-                context=self._neutral_ctx,
-            )
+            if self._dart_debug:
+                ctx = context if context is not None else contextvars.copy_context()
+                event = _DebugEvent(self._run_timer_event, callback, (token, ctx, callback, *args))
+                handle = _drop_own_frames(super().call_later(delay, event, context=self._neutral_ctx), 1)
+            else:
+                handle = super().call_later(
+                    delay,
+                    self._run_timer_event,
+                    token,
+                    context if context is not None else contextvars.copy_context(),
+                    callback,
+                    *args,
+                    context=self._neutral_ctx,
+                )
             token[0] = handle
             self._dart_timer_handles.add(handle)
             return handle
@@ -651,6 +743,76 @@ else:  # pragma: no cover
     _UVDartLoop = None  # type: ignore[assignment,misc]
 
 
+# -- the accelerated classes ------------------------------------------------
+#
+# Subclasses of the two backends that swap a few hot methods for their C
+# versions in dartloop/_speedups.c; all behaviour is the pure classes'.
+# new_event_loop() builds them while SPEEDUPS is set (_loop_class). The C
+# code mirrors, and must be kept in step with (tests/test_speedups.py holds
+# a hash of each Python source and fails when one changes):
+#   DartEventLoop._run_pending_immediate_callback  -> LoopMethod("drain")
+#   _UVDartLoop._run_event / _run_timer_event      -> EventRunner / TimerEvent
+#   _UVDartLoop.call_soon / call_soon_threadsafe / call_later -> LoopMethod(...)
+# A LoopMethod falls back to the Python method in debug mode.
+
+_ACCELERATED: dict[type[DartEventLoop], type[DartEventLoop]] = {}
+
+if SPEEDUPS is not None:
+
+    class _AsyncioDartLoopC(_AsyncioDartLoop):
+        """``_AsyncioDartLoop`` with the microtask drain in C."""
+
+        __slots__ = ()
+        _run_pending_immediate_callback = SPEEDUPS.LoopMethod("drain", DartEventLoop._run_pending_immediate_callback)
+
+    _ACCELERATED[_AsyncioDartLoop] = _AsyncioDartLoopC
+
+    if _UVDartLoop is not None:
+
+        def _runner_field(name: str) -> Any:
+            # A loop attribute that the C event runner reads on every event,
+            # stored in the runner itself.
+            def fget(self: Any) -> Any:
+                return getattr(self._dart_runner, name)
+
+            def fset(self: Any, value: Any) -> None:
+                setattr(self._dart_runner, name, value)
+
+            return property(fget, fset, doc=f"kept in the C event runner as ``{name}``")
+
+        class _UVDartLoopC(_UVDartLoop):  # type: ignore[misc,valid-type]
+            """``_UVDartLoop`` whose per-callback wrapper, scheduling and drain are in C.
+
+            ``self._dart_run_event`` is a C ``EventRunner`` instead of the
+            bound ``_run_event``; ``call_soon`` and ``call_soon_threadsafe``
+            register it with uvloop directly, without a Python frame, and
+            ``call_later`` registers a C ``TimerEvent`` (``_run_timer_event``
+            bound to the timer's handle).
+            """
+
+            def __init__(self, *, strict: bool = False) -> None:
+                # First, so that the properties below can store into it while
+                # _UVDartLoop.__init__ sets those attributes.
+                self._dart_runner = runner = SPEEDUPS.EventRunner(self)
+                super().__init__(strict=strict)
+                runner.bind()
+                self._dart_run_event = runner
+
+            _dart_events = _runner_field("events")
+            _dart_debug = _runner_field("debug")
+            _dart_oob = _runner_field("oob")
+            _dart_watch_idle = _runner_field("watch_idle")
+
+            _run_pending_immediate_callback = SPEEDUPS.LoopMethod("drain", DartEventLoop._run_pending_immediate_callback)
+            call_soon = SPEEDUPS.LoopMethod("call_soon", _UVDartLoop.call_soon, _uvloop.Loop.call_soon)
+            call_soon_threadsafe = SPEEDUPS.LoopMethod(
+                "call_soon_threadsafe", _UVDartLoop.call_soon_threadsafe, _uvloop.Loop.call_soon_threadsafe
+            )
+            call_later = SPEEDUPS.LoopMethod("call_later", _UVDartLoop.call_later, _uvloop.Loop.call_later)
+
+        _ACCELERATED[_UVDartLoop] = _UVDartLoopC
+
+
 def _fileno(fd: Any) -> int:
     return fd if isinstance(fd, int) else int(fd.fileno())
 
@@ -659,14 +821,17 @@ def _unwrap(proto: Any) -> Any:
     return getattr(proto, "_dartloop_target", proto)
 
 
-_CLASSES: dict[tuple[str, bool], type[DartEventLoop]] = {}
+_CLASSES: dict[tuple[str, bool, bool], type[DartEventLoop]] = {}
 
 
 def _loop_class(backend: str, strict: bool) -> type[DartEventLoop]:
-    key = (backend, strict)
+    accelerated = SPEEDUPS is not None and bool(_ACCELERATED)  # read per call: tests flip SPEEDUPS
+    key = (backend, strict, accelerated)
     cls = _CLASSES.get(key)
     if cls is None:
         base: type[DartEventLoop] = _AsyncioDartLoop if backend == "asyncio" else _UVDartLoop  # type: ignore[assignment]
+        if accelerated:
+            base = _ACCELERATED.get(base, base)
         if strict:
             cls = type(base.__name__.replace("Loop", "StrictLoop"), (_StrictMixin, base), {"__module__": __name__})
         else:

@@ -6,6 +6,7 @@ from asyncio.events import _get_running_loop
 from collections.abc import Callable
 from typing import Any
 
+from . import _loop
 from ._loop import DartEventLoop
 
 __all__ = ["schedule_microtask", "running_dart_loop"]
@@ -53,3 +54,11 @@ def schedule_microtask(callback: Callable[..., object], *args: Any) -> None:
     if not callable(callback):
         raise TypeError(f"schedule_microtask() needs a callable, got {type(callback).__name__} {callback!r}")
     append((callback, args))
+
+
+# The pure function above is the reference; the C accelerator's is the same
+# without the Python frame (dartloop/_speedups.c). Chosen once, at import;
+# the pure one stays reachable for tests and benchmarks.
+_schedule_microtask_py = schedule_microtask
+if _loop.SPEEDUPS is not None:
+    schedule_microtask = _loop.SPEEDUPS.schedule_microtask  # noqa: F811

@@ -19,6 +19,8 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import _loop
+
 if TYPE_CHECKING:
     from ._loop import DartEventLoop
 
@@ -38,6 +40,17 @@ def _drained(name: str) -> Callable[..., Any]:
     return method
 
 
+# The C accelerator's proxy methods do the same without a Python frame per
+# protocol callback (dartloop/_speedups.c, LoopMethod "drained"). Chosen once,
+# at import, for the proxy classes below; the pure ones run with
+# DARTLOOP_NO_EXTENSIONS=1 or when the extension is not built.
+_drained_py = _drained
+if _loop.SPEEDUPS is not None:
+
+    def _drained(name: str) -> Callable[..., Any]:  # noqa: F811
+        return _loop.SPEEDUPS.LoopMethod("drained", _drained_py(name))  # type: ignore[no-any-return]
+
+
 def _plain(name: str) -> Callable[..., Any]:
     def method(self: Any, *args: Any) -> Any:
         return getattr(self._dartloop_target, name)(*args)
@@ -46,8 +59,25 @@ def _plain(name: str) -> Callable[..., Any]:
     return method
 
 
+class _TransportRef:
+    """Stands for a transport that can't be weakly referenced (uvloop's
+    subprocess transport) in the loop's weak set of transports.
+
+    The proxy holds it, and the transport holds the proxy, so it lives as
+    long as the transport does.
+    """
+
+    __slots__ = ("transport", "__weakref__")
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def is_closing(self) -> bool:
+        return bool(self.transport.is_closing())
+
+
 class _ProxyBase:
-    __slots__ = ("_dartloop_target", "_dartloop_loop")
+    __slots__ = ("_dartloop_target", "_dartloop_loop", "_dartloop_ref")
     _dartloop_target: Any
     _dartloop_loop: DartEventLoop
 
@@ -65,7 +95,12 @@ class _ProxyBase:
         return f"<dartloop drain proxy for {self._dartloop_target!r}>"
 
     def connection_made(self, transport: Any) -> None:
-        self._dartloop_loop._dart_transports.add(transport)  # type: ignore[attr-defined]
+        try:
+            self._dartloop_loop._dart_transports.add(transport)  # type: ignore[attr-defined]
+        except TypeError:  # not weakly referenceable
+            ref = _TransportRef(transport)
+            object.__setattr__(self, "_dartloop_ref", ref)
+            self._dartloop_loop._dart_transports.add(ref)  # type: ignore[attr-defined]
         try:
             self._dartloop_target.connection_made(transport)
         finally:

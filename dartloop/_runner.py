@@ -30,6 +30,10 @@ def run(
     Raises ``RuntimeError`` if an event loop is already running in this
     thread, ``ValueError`` for a ``main`` that is not a coroutine.
     """
+    if asyncio.events._get_running_loop() is not None:
+        # Checked first, as asyncio.run does: a Runner would make a loop it
+        # then can't close.
+        raise RuntimeError("dartloop.run() cannot be called from a running event loop")
     if not asyncio.iscoroutine(main):
         raise ValueError(f"a coroutine was expected, got {main!r}")
     factory = functools.partial(new_event_loop, backend=backend, strict=strict)

@@ -169,6 +169,12 @@ class _TimerQueue:
         self._handling = False
         self._wakeup: asyncio.TimerHandle | None = None
         self._wakeup_at = math.inf
+        # A deadline this close to loop.time() counts as reached, as in
+        # asyncio's own _run_once. uvloop's clock has millisecond steps and
+        # its timers round the delay to the nearest millisecond, so they
+        # may fire up to half a millisecond before the deadline: without the
+        # slack the wakeup would find nothing due and re-arm, spinning.
+        self._slack = 1e-3 if loop.backend == "uvloop" else getattr(loop, "_clock_resolution", 1e-9)
 
     def add(self, timer: Timer) -> None:
         self._active += 1
@@ -244,7 +250,7 @@ class _TimerQueue:
         if self._zero:
             batch = self._pop_heap_before(self._zero[0])
         else:
-            now = self._loop.time()
+            now = self._loop.time() + self._slack
             batch = []
             heap = self._heap
             while heap and heap[0]._deadline <= now:

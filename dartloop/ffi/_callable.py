@@ -18,6 +18,37 @@ it, and ``keep_isolate_alive`` is that port's flag. A function pointer stays
 valid for the life of the process, also after ``close()`` (the ctypes thunk
 is kept), so a late call from C is dropped safely instead of jumping into
 freed memory.
+
+Two implementations of ``listener``:
+
+* native (the default when ``dartloop.ffi._nativequeue`` is built with
+  libffi): the pointer is a libffi closure in C. A call reads its arguments
+  and posts them as one message to the port's native queue, the one behind
+  ``native_api()``, without Python, the GIL or a thread state; the isolate
+  drains a burst of calls with one wakeup and calls ``callback(*args)`` for
+  each. Used when every argument type is one of the plain ctypes types whose
+  callback arguments ctypes turns into Python values (``c_bool``, the
+  integer types of every width, ``c_float``, ``c_double``, ``c_longdouble``,
+  ``c_char``, ``c_wchar``, ``c_char_p``, ``c_wchar_p``, ``c_void_p``) or a
+  ``POINTER(...)`` or ``CFUNCTYPE(...)`` type, with at most 64 arguments.
+  ``callback`` gets the same values as from a ctypes callback of the same
+  ``functype``: ``int``, ``bool``, ``float``, ``bytes`` of length 1 for
+  ``c_char``, ``str`` for ``c_wchar``/``c_wchar_p``, ``bytes`` for
+  ``c_char_p`` (copied during the call), an ``int`` address for
+  ``c_void_p``, ``None`` for a NULL ``c_char_p``/``c_wchar_p``/``c_void_p``,
+  and a fresh instance of the pointer or function type, holding the address,
+  for ``POINTER``/``CFUNCTYPE`` arguments (made on the isolate, not in the
+  calling thread). A ``c_wchar``/``c_wchar_p`` beyond U+10FFFF drops the call,
+  as ctypes does (ctypes also prints the error).
+* ctypes (the reference; any other argument type, e.g. structures by value,
+  or when the extension or libffi is missing): a ``CFUNCTYPE`` thunk whose
+  trampoline takes the GIL, in a thread state CPython makes for each call
+  from a thread it never saw, and posts the argument tuple.
+
+``_callable.listener_impl`` picks one: ``"auto"`` (default), ``"native"``
+(``TypeError`` if the native closure can't be used) or ``"ctypes"``; its
+initial value comes from the ``DARTLOOP_LISTENER`` environment variable.
+``NativeCallable._impl`` says which one a callable got.
 """
 
 from __future__ import annotations
@@ -25,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import inspect
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +65,35 @@ from .._errors import NativeCallbackError, _IsolateUnwind
 from .._isolate import _IsolateState
 from .._microtasks import running_dart_loop
 from .._ports import RawReceivePort
+from . import _queue
+
+if _queue.IMPLEMENTATION == "c":
+    from . import _nativequeue
+
+    _make_listener_closure: Callable[[int, str], tuple[int, int]] | None = getattr(
+        _nativequeue, "make_listener_closure", None
+    )
+    _retire_listener_closure: Callable[[int], None] | None = getattr(_nativequeue, "retire_listener_closure", None)
+    _NATIVE_CODES: str = getattr(_nativequeue, "LISTENER_TYPE_CODES", "")
+else:
+    _make_listener_closure = _retire_listener_closure = None
+    _NATIVE_CODES = ""
+
+#: How ``NativeCallable.listener`` is implemented: "auto", "native" or "ctypes"
+#: (see the module docstring). Tests and benchmarks set it.
+listener_impl: str = os.environ.get("DARTLOOP_LISTENER", "auto")
+
+# ctypes' own simple types: a ctypes callback gets their arguments as Python
+# values (subclasses of them arrive as instances, so they don't qualify).
+_SIMPLE_TYPES = frozenset(
+    getattr(ctypes, name)
+    for name in (
+        "c_bool", "c_byte", "c_ubyte", "c_short", "c_ushort", "c_int", "c_uint", "c_long", "c_ulong",
+        "c_longlong", "c_ulonglong", "c_float", "c_double", "c_longdouble", "c_char", "c_wchar",
+        "c_char_p", "c_wchar_p", "c_void_p",
+    )
+)  # fmt: skip
+_MAX_NATIVE_ARGS = 64
 
 __all__ = ["NativeCallable"]
 
@@ -107,6 +168,9 @@ class NativeCallable:
     _port: RawReceivePort
     _isolate: _IsolateState
     _functype: type
+    _impl: str = "ctypes"
+    # The native listener closure's handle (for retire_listener_closure).
+    _native_handle: int | None = None
 
     def __init__(self) -> None:
         raise TypeError("use NativeCallable.listener(), .isolate_local() or .blocking()")
@@ -135,6 +199,12 @@ class NativeCallable:
         drain. Calls from one thread run in order. ``functype`` must return
         void (``None``); ``TypeError`` otherwise. After ``close()``, or once
         the isolate has ended, calls are dropped.
+
+        Where the C extension was built with libffi and every argument type
+        is supported, the pointer is a libffi closure that never takes the
+        GIL (over 1 M calls/s from one C thread); otherwise a ctypes
+        callback. ``callback`` gets the same values either way; see the
+        module docstring.
         """
         what = "NativeCallable.listener()"
         _check_functype(functype, what)
@@ -144,6 +214,15 @@ class NativeCallable:
                 f"{what}: a listener can't return a value to C (the call returns before the callback runs); "
                 f"{functype.__name__} returns {functype._restype_.__name__}, use restype None"  # type: ignore[attr-defined]
             )
+
+        impl = listener_impl
+        if impl not in ("auto", "native", "ctypes"):
+            raise ValueError(f"dartloop.ffi._callable.listener_impl must be 'auto', 'native' or 'ctypes', not {impl!r}")
+        native = None if impl == "ctypes" else _native_signature(functype)
+        if native is None and impl == "native":
+            raise TypeError(f"{what}: no native listener for {functype.__name__} ({_native_unavailable(functype)})")
+        if native is not None:
+            return cls._native_listener(functype, callback, *native)
 
         def handler(args: tuple[Any, ...]) -> None:
             callback(*args)
@@ -159,6 +238,45 @@ class NativeCallable:
                 post(core, args)
 
         self._pointer = functype(trampoline)
+        return self
+
+    @classmethod
+    def _native_listener(
+        cls, functype: type, callback: Callable[..., object], codes: str, converters: tuple[tuple[int, type], ...]
+    ) -> NativeCallable:
+        assert _make_listener_closure is not None
+        if converters:
+            # POINTER / CFUNCTYPE arguments crossed as addresses: make the
+            # instances a ctypes callback gets.
+            def handler(args: tuple[Any, ...]) -> None:
+                values = list(args)
+                for i, ptype in converters:
+                    values[i] = _to_pointer(values[i], ptype)
+                callback(*values)
+
+        else:
+
+            def handler(args: tuple[Any, ...]) -> None:
+                callback(*args)
+
+        self = cls._create("listener", functype, handler, "NativeCallable.listener")
+        core = self._port._core
+        # The calls arrive through the isolate's native queue, as posts to
+        # SendPort.native_port do.
+        self._isolate.bind_native(core)
+        if not core.native_bound:  # pragma: no cover - the isolate is ending
+            self._port.close()
+            raise RuntimeError("NativeCallable.listener(): the isolate is shutting down")
+        try:
+            address, handle = _make_listener_closure(core.id, codes)
+        except BaseException:
+            self._port.close()
+            raise
+        self._native_handle = handle
+        self._impl = "native"
+        # A foreign function object at the closure's address: callable from
+        # Python too, and what ctypes APIs taking a functype expect.
+        self._pointer = functype(address)
         return self
 
     @classmethod
@@ -246,12 +364,13 @@ class NativeCallable:
                 return fallback
             if threading.get_ident() == owner:
                 return _run_inline(callback, args, fallback, post, core)
-            if iso.resume_caps:
-                return fallback  # paused: it would not run until resumed
             call = _BlockingCall(callback, args, is_async, fallback)
             with iso.lock:
-                if iso.dead:
-                    return fallback
+                # Both under the lock: a pause served after this point finds
+                # the call in blocking_calls and wakes it (the pause adds its
+                # capability before it sweeps the set under this lock).
+                if iso.dead or iso.resume_caps:
+                    return fallback  # gone, or paused: it would not run until resumed
                 iso.blocking_calls.add(call)
             post(core, call)
             call.done.wait(timeout)
@@ -299,12 +418,72 @@ class NativeCallable:
         if self._port.is_closed:
             return
         self._port.close()
+        if self._native_handle is not None and _retire_listener_closure is not None:
+            # The port is unbound already; this also makes later calls
+            # return before taking any lock.
+            _retire_listener_closure(self._native_handle)
         with _retired_lock:
             _retired.append(self._pointer)
+
+    def __del__(self) -> None:
+        # Dropped without close() (also: its isolate ended, which closed the
+        # port but not the callable): C may still hold the address, so keep
+        # the thunk for the life of the process, as close() does. A closed
+        # callable's thunk was retired by close(). No lock: __del__ may run
+        # at any allocation, also inside close() on this thread; a list
+        # append is atomic.
+        pointer = self.__dict__.get("_pointer")
+        port = self.__dict__.get("_port")
+        if pointer is not None and (port is None or not port.is_closed or self._isolate.dead):
+            _retired.append(pointer)
 
     def __repr__(self) -> str:
         state = "closed" if self.is_closed else "open"
         return f"<dartloop.ffi.NativeCallable.{self._kind} {self._functype.__name__} {state}>"
+
+
+def _native_signature(functype: type) -> tuple[str, tuple[tuple[int, type], ...]] | None:
+    """``(type codes, converters)`` for a native listener closure, or ``None``."""
+    if _make_listener_closure is None:
+        return None
+    argtypes = functype._argtypes_ or ()  # type: ignore[attr-defined]
+    if len(argtypes) > _MAX_NATIVE_ARGS:
+        return None
+    codes: list[str] = []
+    converters: list[tuple[int, type]] = []
+    for i, t in enumerate(argtypes):
+        if t in _SIMPLE_TYPES:
+            code = t._type_
+            if code not in _NATIVE_CODES:
+                return None
+        elif isinstance(t, type) and (issubclass(t, ctypes._Pointer) or issubclass(t, _CFuncPtr)):
+            code = "P"
+            converters.append((i, t))
+        else:
+            return None
+        codes.append(code)
+    return "".join(codes), tuple(converters)
+
+
+def _native_unavailable(functype: type) -> str:
+    """Why :func:`_native_signature` said no, for the error message."""
+    if _queue.IMPLEMENTATION != "c":
+        return "the C extension dartloop.ffi._nativequeue is not in use"
+    if _make_listener_closure is None:
+        return "dartloop.ffi._nativequeue was built without libffi"
+    argtypes = functype._argtypes_ or ()  # type: ignore[attr-defined]
+    if len(argtypes) > _MAX_NATIVE_ARGS:
+        return f"more than {_MAX_NATIVE_ARGS} arguments"
+    return "an argument type is not supported natively: " + ", ".join(
+        getattr(t, "__name__", repr(t)) for t in argtypes
+    )
+
+
+def _to_pointer(address: int | None, ptype: type) -> Any:
+    """An instance of a POINTER or CFUNCTYPE type holding ``address``."""
+    if issubclass(ptype, _CFuncPtr):
+        return ptype(address) if address else ptype()
+    return ctypes.cast(address, ptype)
 
 
 class _BlockingCall:

@@ -73,6 +73,18 @@
 
 #include "dartloop_api.h"
 
+/* NQ_HAVE_FFI=1 (set by setup.py when it finds ffi.h and libffi) adds the
+ * GIL-free NativeCallable.listener: make_listener_closure(). */
+#if defined(NQ_HAVE_FFI) && NQ_HAVE_FFI
+#include <ffi.h>
+#include <wchar.h>
+#undef NQ_HAVE_FFI
+#define NQ_HAVE_FFI 1
+#else
+#undef NQ_HAVE_FFI
+#define NQ_HAVE_FFI 0
+#endif
+
 #if defined(__GNUC__) || defined(__clang__)
 #define NQ_LIKELY(x) __builtin_expect(!!(x), 1)
 #define NQ_UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -97,6 +109,7 @@ enum {
     NQ_STRING_ASCII, /* validated, all bytes < 0x80: built with a memcpy */
     NQ_STRING_UTF8,  /* validated UTF-8 with non-ASCII characters */
     NQ_BYTES,
+    NQ_CALL,         /* a listener call: header + argument records, below */
 };
 
 /* Copied string/bytes payload.  len is stored with the data so that a record
@@ -106,10 +119,13 @@ typedef struct {
     char data[];
 } nq_blob;
 
+struct nq_sig;
+
 typedef union {
     int64_t i;
     double d;
     nq_blob *blob;
+    const struct nq_sig *sig; /* NQ_CALL: the listener's argument types */
 } nq_payload;
 
 typedef struct {
@@ -118,13 +134,65 @@ typedef struct {
     nq_payload u;
 } nq_msg;
 
+/* One argument of a listener call, as captured in the calling thread: ints
+ * widened to 64 bits (sign- or zero-extended by type), floating point as a
+ * double, pointers as an address, and char / wchar_t strings copied into a
+ * blob (NULL blob = NULL pointer; an empty string is a blob of length 0). */
+typedef union {
+    int64_t i;
+    uint64_t u;
+    double d;
+    nq_blob *blob;
+} nq_arg;
+
+/* A listener call is ONE message stored in 1 + nq_call_nrec(nargs)
+ * consecutive records of a chunk: the header (port, NQ_CALL, u.sig) and then
+ * the arguments, NQ_ARGS_PER_REC to a record. */
+#define NQ_ARGS_PER_REC (sizeof(nq_msg) / sizeof(nq_arg))
+_Static_assert(sizeof(nq_msg) % sizeof(nq_arg) == 0, "nq_msg not a whole number of nq_arg");
+#define NQ_MAX_ARGS 64
+
+/* ctypes type codes (a simple type's _type_) of a listener's arguments.  It
+ * is part of the listener, which is never freed, so queued calls may point
+ * at it for as long as they like. */
+typedef struct nq_sig {
+    uint32_t nargs;
+    uint32_t nrec;         /* argument records after the header */
+    bool has_blobs;        /* some argument is 'z' or 'Z' */
+    char codes[NQ_MAX_ARGS + 1];
+} nq_sig;
+
+static inline nq_arg *
+nq_call_args(nq_msg *header)
+{
+    return (nq_arg *)(void *)(header + 1);
+}
+
+static void
+nq_free_call_blobs(nq_msg *header)
+{
+    const nq_sig *sig = header->u.sig;
+    if (sig->has_blobs) {
+        nq_arg *a = nq_call_args(header);
+        for (uint32_t k = 0; k < sig->nargs; k++) {
+            if (sig->codes[k] == 'z' || sig->codes[k] == 'Z') {
+                free(a[k].blob);
+            }
+        }
+    }
+}
+
 /* Records live in chunks so that a post costs a malloc only for the payload
- * copy of strings/bytes, and one chunk malloc every NQ_CHUNK_CAP posts. */
+ * copy of strings/bytes, and one chunk malloc every NQ_CHUNK_CAP records. */
 #define NQ_CHUNK_CAP 1024
+_Static_assert(1 + (NQ_MAX_ARGS + NQ_ARGS_PER_REC - 1) / NQ_ARGS_PER_REC <= NQ_CHUNK_CAP,
+               "a listener call must fit in one chunk");
 
 typedef struct nq_chunk {
     struct nq_chunk *next;
-    size_t n; /* records in use; only the last chunk of a list is partial */
+    /* Records in use.  The last chunk of a list is partial; an earlier one
+     * may end early too, when the next listener call did not fit. */
+    size_t n;
     nq_msg items[NQ_CHUNK_CAP];
 } nq_chunk;
 
@@ -137,6 +205,10 @@ nq_free_chunks(nq_chunk *c)
             int32_t t = c->items[i].type;
             if (t == NQ_STRING_ASCII || t == NQ_STRING_UTF8 || t == NQ_BYTES) {
                 free(c->items[i].u.blob);
+            }
+            else if (t == NQ_CALL) {
+                nq_free_call_blobs(&c->items[i]);
+                i += c->items[i].u.sig->nrec;  /* skip the argument records */
             }
         }
         free(c);
@@ -230,21 +302,24 @@ nq_consume_locked(nq_core *q)
     (void)r;
 }
 
-/* Must be called with q->lock held; returns a free record or NULL (out of
- * memory).  malloc under the lock happens once per NQ_CHUNK_CAP posts. */
+/* Must be called with q->lock held; returns nrec (1 <= nrec <= NQ_CHUNK_CAP)
+ * consecutive free records or NULL (out of memory).  malloc under the lock
+ * happens once per NQ_CHUNK_CAP records. */
 static inline nq_msg *
-nq_reserve_locked(nq_core *q)
+nq_reserve_locked(nq_core *q, size_t nrec)
 {
     nq_chunk *t = q->tail;
-    if (NQ_LIKELY(t != NULL && t->n < NQ_CHUNK_CAP)) {
-        return &t->items[t->n++];
+    if (NQ_LIKELY(t != NULL && t->n + nrec <= NQ_CHUNK_CAP)) {
+        nq_msg *m = &t->items[t->n];
+        t->n += nrec;
+        return m;
     }
     nq_chunk *c = (nq_chunk *)malloc(sizeof(nq_chunk));
     if (c == NULL) {
         return NULL;
     }
     c->next = NULL;
-    c->n = 1;
+    c->n = nrec;
     if (t == NULL) {
         q->head = c;
     }
@@ -403,9 +478,10 @@ nq_shard_remove_slot(nq_shard *s, nq_slot *sl)
 /* The C posting API (any thread, no GIL)                                   */
 /* ------------------------------------------------------------------------ */
 
-/* Queues one record.  On false the caller still owns any blob in u. */
-static bool
-nq_post(int64_t port, int32_t type, nq_payload u)
+/* Queues one message: a record, followed for NQ_CALL by the call's nargs
+ * arguments.  On false the caller still owns any blob in u or args. */
+static inline bool
+nq_post_message(int64_t port, int32_t type, nq_payload u, const nq_arg *args, uint32_t nargs, uint32_t nrec)
 {
     if (NQ_UNLIKELY(port <= 0)) {
         return false;
@@ -421,11 +497,14 @@ nq_post(int64_t port, int32_t type, nq_payload u)
         nq_core *q = sl->q;
         pthread_mutex_lock(&q->lock);
         if (NQ_LIKELY(!q->closed)) {
-            nq_msg *m = nq_reserve_locked(q);
+            nq_msg *m = nq_reserve_locked(q, 1 + (size_t)nrec);
             if (NQ_LIKELY(m != NULL)) {
                 m->port = port;
                 m->type = type;
                 m->u = u;
+                if (nargs > 0) {
+                    memcpy(nq_call_args(m), args, nargs * sizeof(nq_arg));
+                }
                 q->count++;
                 ok = true;
                 /* Only the first post of a burst pays for the syscall.  It is
@@ -441,6 +520,12 @@ nq_post(int64_t port, int32_t type, nq_payload u)
     }
     pthread_mutex_unlock(&s->lock);
     return ok;
+}
+
+static bool
+nq_post(int64_t port, int32_t type, nq_payload u)
+{
+    return nq_post_message(port, type, u, NULL, 0, 0);
 }
 
 static bool
@@ -621,6 +706,279 @@ static const DartloopApi nq_api = {
 };
 
 /* ------------------------------------------------------------------------ */
+/* GIL-free listener closures (NativeCallable.listener)                     */
+/* ------------------------------------------------------------------------ */
+
+/* A libffi closure with the C signature of a ctypes CFUNCTYPE(None, ...).
+ * Called from any thread, it reads its arguments by their ctypes type codes
+ * into nq_args (copying char / wchar_t strings, which need to stay valid only
+ * for the duration of the call) and posts them as ONE NQ_CALL message to its
+ * port, through the same shard and queue locks as the post_* functions: no
+ * Python, no GIL, no thread state.  The owner isolate drains the call with
+ * its other native messages and converts the arguments to exactly the values
+ * a ctypes callback of the same type would get (nq_call_to_tuple).
+ *
+ * Lifetime: a listener and its closure are never freed (C may keep and call
+ * the address forever).  Closing the NativeCallable unbinds its port, so
+ * later calls find no port and are dropped (post fails, copies are freed);
+ * retire_listener_closure() also zeroes the listener's port so that such
+ * calls return before taking any lock. */
+
+/* The type codes make_listener_closure() accepts, i.e. the ctypes simple
+ * types whose callback arguments ctypes converts to plain Python values. */
+#if NQ_HAVE_FFI && WCHAR_MAX > 0xFFFF
+#define NQ_LISTENER_CODES "?bBhHiIlLqQfdgcuPzZ"
+#elif NQ_HAVE_FFI
+#define NQ_LISTENER_CODES "?bBhHiIlLqQfdgcPz"
+#else
+#define NQ_LISTENER_CODES ""
+#endif
+
+#if NQ_HAVE_FFI
+
+typedef struct {
+    nq_sig sig;
+    int64_t port;          /* atomic: 0 once retired */
+    ffi_cif cif;
+    ffi_type *atypes[NQ_MAX_ARGS];
+    ffi_closure *closure;  /* the writable half */
+    void *code;            /* the executable entry point handed to C */
+} nq_listener;
+
+_Static_assert(sizeof(bool) == 1, "_Bool is not one byte");
+_Static_assert(sizeof(long long) == 8, "long long is not 64 bits");
+_Static_assert(sizeof(void *) <= sizeof(uint64_t), "pointers wider than 64 bits");
+
+static ffi_type *
+nq_ffi_type(char code)
+{
+    switch (code) {
+    case '?': return &ffi_type_uint8;
+    case 'b': return &ffi_type_sint8;
+    case 'B': return &ffi_type_uint8;
+    case 'h': return &ffi_type_sshort;
+    case 'H': return &ffi_type_ushort;
+    case 'i': return &ffi_type_sint;
+    case 'I': return &ffi_type_uint;
+    case 'l': return &ffi_type_slong;
+    case 'L': return &ffi_type_ulong;
+    case 'q': return &ffi_type_sint64;
+    case 'Q': return &ffi_type_uint64;
+    case 'f': return &ffi_type_float;
+    case 'd': return &ffi_type_double;
+    case 'g': return &ffi_type_longdouble;
+    case 'c': return &ffi_type_schar;
+    case 'u': return sizeof(wchar_t) == 4 ? &ffi_type_sint32 : &ffi_type_uint16;
+    case 'P': case 'z': case 'Z': return &ffi_type_pointer;
+    default: return NULL;
+    }
+}
+
+static void
+nq_free_args(const nq_sig *sig, nq_arg *a, uint32_t n)
+{
+    for (uint32_t k = 0; k < n; k++) {
+        if (sig->codes[k] == 'z' || sig->codes[k] == 'Z') {
+            free(a[k].blob);
+        }
+    }
+}
+
+/* The closure's body: any thread, never the GIL. */
+static void
+nq_listener_entry(ffi_cif *cif, void *ret, void **args, void *user_data)
+{
+    (void)cif;
+    (void)ret;  /* listeners return void */
+    nq_listener *L = (nq_listener *)user_data;
+    int64_t port = __atomic_load_n(&L->port, __ATOMIC_RELAXED);
+    if (port <= 0) {
+        return;  /* closed: drop the call */
+    }
+    int saved_errno = errno;  /* the C caller's errno survives the call */
+    const nq_sig *sig = &L->sig;
+    uint32_t n = sig->nargs;
+    nq_arg a[NQ_MAX_ARGS];
+    uint32_t k;
+    for (k = 0; k < n; k++) {
+        const void *p = args[k];
+        switch (sig->codes[k]) {
+        case '?': a[k].i = *(const unsigned char *)p != 0; break;
+        case 'b': a[k].i = *(const signed char *)p; break;
+        case 'B': a[k].u = *(const unsigned char *)p; break;
+        case 'h': a[k].i = *(const short *)p; break;
+        case 'H': a[k].u = *(const unsigned short *)p; break;
+        case 'i': a[k].i = *(const int *)p; break;
+        case 'I': a[k].u = *(const unsigned int *)p; break;
+        case 'l': a[k].i = *(const long *)p; break;
+        case 'L': a[k].u = *(const unsigned long *)p; break;
+        case 'q': a[k].i = *(const long long *)p; break;
+        case 'Q': a[k].u = *(const unsigned long long *)p; break;
+        case 'f': a[k].d = (double)*(const float *)p; break;
+        case 'd': a[k].d = *(const double *)p; break;
+        case 'g': a[k].d = (double)*(const long double *)p; break;
+        case 'c': a[k].i = *(const char *)p; break;
+        case 'u': {
+            /* As ctypes: a wchar_t beyond U+10FFFF can't become a str, and
+             * the call is dropped. */
+            uint32_t w = (uint32_t)*(const wchar_t *)p;
+            if (w > 0x10FFFF) {
+                goto drop;
+            }
+            a[k].i = (int64_t)w;
+            break;
+        }
+        case 'P':
+            a[k].u = (uint64_t)(uintptr_t)*(void *const *)p;
+            break;
+        case 'z': {
+            const char *str = *(const char *const *)p;
+            a[k].blob = NULL;
+            if (str != NULL) {
+                a[k].blob = nq_blob_new(str, strlen(str));
+                if (a[k].blob == NULL) {
+                    goto drop;
+                }
+            }
+            break;
+        }
+        case 'Z': {
+            const wchar_t *w = *(const wchar_t *const *)p;
+            a[k].blob = NULL;
+            if (w != NULL) {
+                size_t len = wcslen(w);
+                for (size_t j = 0; j < len; j++) {
+                    if ((uint32_t)w[j] > 0x10FFFF) {
+                        goto drop;
+                    }
+                }
+                /* wchar_t is 4 bytes wherever 'Z' is accepted: UCS-4. */
+                a[k].blob = nq_blob_new(w, len * sizeof(wchar_t));
+                if (a[k].blob == NULL) {
+                    goto drop;
+                }
+            }
+            break;
+        }
+        default:
+            goto drop;  /* unreachable: codes are checked at creation */
+        }
+    }
+    {
+        nq_payload u;
+        u.sig = sig;
+        if (NQ_LIKELY(nq_post_message(port, NQ_CALL, u, a, n, sig->nrec))) {
+            errno = saved_errno;
+            return;
+        }
+    }
+drop:
+    /* a[0..k) are filled in: free their copies. */
+    nq_free_args(sig, a, k);
+    errno = saved_errno;
+}
+
+static PyObject *
+nq_make_listener_closure(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "make_listener_closure() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (!PyLong_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "port must be an int");
+        return NULL;
+    }
+    long long port = PyLong_AsLongLong(args[0]);
+    if (port == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (port <= 0) {
+        PyErr_Format(PyExc_ValueError, "port must be positive, not %lld", port);
+        return NULL;
+    }
+    if (!PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "codes must be a str");
+        return NULL;
+    }
+    Py_ssize_t n;
+    const char *codes = PyUnicode_AsUTF8AndSize(args[1], &n);
+    if (codes == NULL) {
+        return NULL;
+    }
+    if (n > NQ_MAX_ARGS) {
+        PyErr_Format(PyExc_ValueError, "a listener closure takes at most %d arguments, not %zd",
+                     NQ_MAX_ARGS, n);
+        return NULL;
+    }
+    nq_listener *L = (nq_listener *)calloc(1, sizeof(nq_listener));
+    if (L == NULL) {
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (codes[k] == '\0' || strchr(NQ_LISTENER_CODES, codes[k]) == NULL ||
+            (L->atypes[k] = nq_ffi_type(codes[k])) == NULL) {
+            free(L);
+            PyErr_Format(PyExc_ValueError,
+                         "unsupported listener argument type code at index %zd of %R", k, args[1]);
+            return NULL;
+        }
+        L->sig.codes[k] = codes[k];
+        if (codes[k] == 'z' || codes[k] == 'Z') {
+            L->sig.has_blobs = true;
+        }
+    }
+    L->sig.nargs = (uint32_t)n;
+    L->sig.nrec = (uint32_t)((n + NQ_ARGS_PER_REC - 1) / NQ_ARGS_PER_REC);
+    L->port = (int64_t)port;
+    if (ffi_prep_cif(&L->cif, FFI_DEFAULT_ABI, (unsigned int)n, &ffi_type_void, L->atypes) != FFI_OK) {
+        free(L);
+        PyErr_SetString(PyExc_RuntimeError, "ffi_prep_cif failed for a listener closure");
+        return NULL;
+    }
+    L->closure = (ffi_closure *)ffi_closure_alloc(sizeof(ffi_closure), &L->code);
+    if (L->closure == NULL) {
+        free(L);
+        return PyErr_NoMemory();
+    }
+    if (ffi_prep_closure_loc(L->closure, &L->cif, nq_listener_entry, L, L->code) != FFI_OK) {
+        ffi_closure_free(L->closure);
+        free(L);
+        PyErr_SetString(PyExc_RuntimeError, "ffi_prep_closure_loc failed for a listener closure");
+        return NULL;
+    }
+    PyObject *address = PyLong_FromVoidPtr(L->code);
+    PyObject *handle = PyLong_FromVoidPtr(L);
+    if (address == NULL || handle == NULL) {
+        /* Leaked on purpose, like every listener: nothing can call it yet,
+         * but freeing it would need care for no gain. */
+        Py_XDECREF(address);
+        Py_XDECREF(handle);
+        return NULL;
+    }
+    PyObject *result = PyTuple_Pack(2, address, handle);
+    Py_DECREF(address);
+    Py_DECREF(handle);
+    return result;
+}
+
+static PyObject *
+nq_retire_listener_closure(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    void *p = PyLong_AsVoidPtr(arg);
+    if (p == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "not a listener handle");
+        }
+        return NULL;
+    }
+    __atomic_store_n(&((nq_listener *)p)->port, (int64_t)0, __ATOMIC_RELAXED);
+    Py_RETURN_NONE;
+}
+
+#endif /* NQ_HAVE_FFI */
+
+/* ------------------------------------------------------------------------ */
 /* NativeQueue                                                              */
 /* ------------------------------------------------------------------------ */
 
@@ -759,6 +1117,74 @@ NativeQueue_fileno(NativeQueueObject *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromLong(self->core.rfd);
 }
 
+/* The arguments of a queued listener call as a tuple of Python values, the
+ * same values a ctypes callback of the same CFUNCTYPE gets (see
+ * make_listener_closure).  New reference; NULL with an exception set. */
+static PyObject *
+nq_call_to_tuple(nq_msg *header)
+{
+    const nq_sig *sig = header->u.sig;
+    nq_arg *a = nq_call_args(header);
+    PyObject *tuple = PyTuple_New((Py_ssize_t)sig->nargs);
+    if (tuple == NULL) {
+        return NULL;
+    }
+    for (uint32_t k = 0; k < sig->nargs; k++) {
+        PyObject *v;
+        switch (sig->codes[k]) {
+        case '?':
+            v = PyBool_FromLong(a[k].i != 0);
+            break;
+        case 'b': case 'h': case 'i': case 'l': case 'q':
+            v = PyLong_FromLongLong(a[k].i);
+            break;
+        case 'B': case 'H': case 'I': case 'L': case 'Q':
+            v = PyLong_FromUnsignedLongLong(a[k].u);
+            break;
+        case 'f': case 'd': case 'g':
+            v = PyFloat_FromDouble(a[k].d);
+            break;
+        case 'c': {
+            char ch = (char)a[k].i;
+            v = PyBytes_FromStringAndSize(&ch, 1);
+            break;
+        }
+        case 'u':
+            /* Checked <= U+10FFFF in the calling thread. */
+            v = PyUnicode_FromOrdinal((int)a[k].i);
+            break;
+        case 'P':
+            v = a[k].u == 0 ? Py_NewRef(Py_None) : PyLong_FromUnsignedLongLong(a[k].u);
+            break;
+        case 'z':
+            v = a[k].blob == NULL ? Py_NewRef(Py_None)
+                                  : PyBytes_FromStringAndSize(a[k].blob->data, a[k].blob->len);
+            break;
+        case 'Z':
+            /* UCS-4 code units, checked <= U+10FFFF in the calling thread. */
+            v = a[k].blob == NULL
+                    ? Py_NewRef(Py_None)
+                    : PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, a[k].blob->data,
+                                                a[k].blob->len / 4);
+            break;
+        default:
+            v = NULL;
+            PyErr_Format(PyExc_SystemError, "listener argument type code %c", sig->codes[k]);
+            break;
+        }
+        if (v == NULL) {
+            Py_DECREF(tuple);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(tuple, (Py_ssize_t)k, v);
+    }
+    if (sig->nargs > 0) {
+        /* Only atomic values inside: it can never be part of a cycle. */
+        PyObject_GC_UnTrack(tuple);
+    }
+    return tuple;
+}
+
 static PyObject *
 NativeQueue_drain(NativeQueueObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -843,6 +1269,10 @@ NativeQueue_drain(NativeQueueObject *self, PyObject *Py_UNUSED(ignored))
                 else {
                     value = PyBytes_FromStringAndSize(m->u.blob->data, m->u.blob->len);
                 }
+                break;
+            case NQ_CALL:
+                value = nq_call_to_tuple(m);
+                i += m->u.sig->nrec;  /* skip the argument records */
                 break;
             default: /* NQ_NULL */
                 value = Py_NewRef(Py_None);
@@ -1088,6 +1518,20 @@ static PyMethodDef nq_module_methods[] = {
      "Address of the process-wide, read-only DartloopApi (version 1)."},
     {"api_struct_size", (PyCFunction)nq_api_struct_size, METH_NOARGS,
      "api_struct_size() -> int\n\nsizeof(DartloopApi) as compiled."},
+#if NQ_HAVE_FFI
+    {"make_listener_closure", (PyCFunction)(void (*)(void))nq_make_listener_closure, METH_FASTCALL,
+     "make_listener_closure(port: int, codes: str) -> tuple[int, int]\n\n"
+     "A libffi closure void f(args...) whose argument types are the ctypes type\n"
+     "codes in codes (each one of LISTENER_TYPE_CODES, at most 64).  Called from\n"
+     "any thread, without the GIL, it posts its arguments as one message to\n"
+     "port; the message drains as a tuple of the values a ctypes callback of\n"
+     "the same type gets.  Returns (code address, handle for\n"
+     "retire_listener_closure).  Never freed.  Only present when built with\n"
+     "libffi."},
+    {"retire_listener_closure", (PyCFunction)nq_retire_listener_closure, METH_O,
+     "retire_listener_closure(handle: int) -> None\n\n"
+     "Make the listener closure drop every later call.  Idempotent."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 
@@ -1112,7 +1556,8 @@ PyInit__nativequeue(void)
     }
     if (PyModule_AddObjectRef(m, "NativeQueue", (PyObject *)&NativeQueue_Type) < 0 ||
         PyModule_AddIntConstant(m, "API_VERSION", DARTLOOP_API_VERSION) < 0 ||
-        PyModule_AddIntConstant(m, "HAVE_EVENTFD", NQ_HAVE_EVENTFD) < 0) {
+        PyModule_AddIntConstant(m, "HAVE_EVENTFD", NQ_HAVE_EVENTFD) < 0 ||
+        PyModule_AddStringConstant(m, "LISTENER_TYPE_CODES", NQ_LISTENER_CODES) < 0) {
         Py_DECREF(m);
         return NULL;
     }

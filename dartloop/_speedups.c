@@ -1,0 +1,1452 @@
+/*
+ * dartloop._speedups: optional C versions of the event loop's hot paths.
+ *
+ * The pure-Python code in dartloop/_loop.py and dartloop/_microtasks.py is the
+ * reference implementation; everything here does exactly what the Python
+ * method it stands for does, only without a Python frame per event or per
+ * microtask.  When this module is missing (not built, or
+ * DARTLOOP_NO_EXTENSIONS=1) dartloop runs the pure code.  tests/test_speedups.py
+ * runs the same ordering scenarios through both.
+ *
+ *   drain(loop)              DartEventLoop._run_pending_immediate_callback
+ *   EventRunner(loop)        _UVDartLoop._run_event
+ *   TimerEvent               _UVDartLoop._run_timer_event, one per timer
+ *                            (made by the C call_later)
+ *   LoopMethod(kind, ...)    a method descriptor for the accelerated loop
+ *                            classes: call_soon / call_soon_threadsafe /
+ *                            call_later of the uvloop backend, and the drain;
+ *                            and ("drained") for the uvloop backend's protocol
+ *                            proxies: dartloop._protocols._drained
+ *   schedule_microtask(cb, *args)   dartloop.schedule_microtask
+ *
+ * Keep in sync: if one of the Python methods above changes, change its C
+ * counterpart here (tests/test_speedups.py fails until the recorded hash of
+ * the Python source is updated, as a reminder).
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stddef.h>
+
+#if PY_VERSION_HEX < 0x030B0000
+#error "dartloop._speedups needs Python 3.11 or newer"
+#endif
+
+/* ----------------------------------------------------------------------- */
+/* Module-wide state (looked up once at import).                           */
+
+static PyTypeObject *deque_type;     /* collections.deque */
+static PyObject *deque_popleft;      /* collections.deque.popleft (unbound) */
+static int deque_size_ok;            /* Py_SIZE(deque) is its length */
+static PyObject *get_running_loop;   /* asyncio.events._get_running_loop */
+static PyObject *kwnames_context;    /* ("context",) */
+
+static PyObject *str_target, *str_proxy_loop;
+static PyObject *str_context, *str_run, *str_microtasks, *str_neutral_ctx,
+    *str_report_callback_error, *str_report_uncaught, *str_get_debug,
+    *str_message, *str_exception, *str_isolate, *str_serve_control,
+    *str_check_idle, *str_timer_handles, *str_discard, *str_add,
+    *str_popleft, *str_run_pending, *str_mt_append, *str_runner,
+    *str_exc_in_microtask;
+
+/* Lazily imported from dartloop (which imports this module first). */
+static PyObject *format_callback; /* dartloop._loop._format_callback */
+static PyObject *no_loop;         /* dartloop._microtasks._no_loop */
+
+static PyObject *
+lazy_attr(PyObject **slot, const char *module, const char *name)
+{
+    if (*slot == NULL) {
+        PyObject *mod = PyImport_ImportModule(module);
+        if (mod == NULL) {
+            return NULL;
+        }
+        *slot = PyObject_GetAttrString(mod, name);
+        Py_DECREF(mod);
+    }
+    return *slot;
+}
+
+/* ----------------------------------------------------------------------- */
+/* Helpers                                                                 */
+
+/* The exception being raised, normalized, with its traceback; clears it. */
+static PyObject *
+fetch_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+/* `except (SystemExit, KeyboardInterrupt): raise` */
+static int
+must_propagate(void)
+{
+    return PyErr_ExceptionMatches(PyExc_SystemExit) ||
+           PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
+}
+
+/* Truth value, with the cases met on every event first. */
+static inline int
+is_true(PyObject *o)
+{
+    if (o == NULL || o == Py_False || o == Py_None) {
+        return 0;
+    }
+    if (o == Py_True) {
+        return 1;
+    }
+    if (deque_size_ok && Py_IS_TYPE(o, deque_type)) {
+        return Py_SIZE(o) != 0;
+    }
+    return PyObject_IsTrue(o);
+}
+
+/* ----------------------------------------------------------------------- */
+/* The drain: DartEventLoop._run_pending_immediate_callback                */
+
+/* Report an exception that escaped a microtask, as the Python drain does:
+ *   self._report_uncaught(exc, {"message": "Exception in microtask "
+ *       + _format_callback(callback, args, self.get_debug()), "exception": exc})
+ * run with `exc` as the exception being handled (as inside `except ... as exc`),
+ * so an exception raised while reporting gets it as __context__. */
+static int
+report_microtask_error(PyObject *loop, PyObject *exc, PyObject *callback, PyObject *args)
+{
+    int rc = -1;
+    PyObject *report = NULL, *debug = NULL, *text = NULL, *msg = NULL, *context = NULL, *res;
+    PyObject *handled = PyErr_GetHandledException();
+    PyErr_SetHandledException(exc);
+
+    report = PyObject_GetAttr(loop, str_report_uncaught);
+    if (report == NULL) {
+        goto done;
+    }
+    if (lazy_attr(&format_callback, "dartloop._loop", "_format_callback") == NULL) {
+        goto done;
+    }
+    debug = PyObject_CallMethodNoArgs(loop, str_get_debug);
+    if (debug == NULL) {
+        goto done;
+    }
+    text = PyObject_CallFunctionObjArgs(format_callback, callback, args, debug, NULL);
+    if (text == NULL) {
+        goto done;
+    }
+    msg = PyNumber_Add(str_exc_in_microtask, text);
+    if (msg == NULL) {
+        goto done;
+    }
+    context = PyDict_New();
+    if (context == NULL || PyDict_SetItem(context, str_message, msg) < 0 ||
+        PyDict_SetItem(context, str_exception, exc) < 0) {
+        goto done;
+    }
+    res = PyObject_CallFunctionObjArgs(report, exc, context, NULL);
+    if (res != NULL) {
+        Py_DECREF(res);
+        rc = 0;
+    }
+done:
+    PyErr_SetHandledException(handled);
+    Py_XDECREF(handled);
+    Py_XDECREF(report);
+    Py_XDECREF(debug);
+    Py_XDECREF(text);
+    Py_XDECREF(msg);
+    Py_XDECREF(context);
+    return rc;
+}
+
+/* `callback, args = item`: borrowed references into a new `*owner`. */
+static int
+unpack_pair(PyObject *item, PyObject **owner, PyObject **callback, PyObject **args)
+{
+    if (PyTuple_CheckExact(item) && PyTuple_GET_SIZE(item) == 2) {
+        *owner = Py_NewRef(item);
+    }
+    else {
+        /* Rare: whatever Python's unpacking accepts (any iterable of two). */
+        PyObject *t = PySequence_Tuple(item);
+        if (t == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Format(PyExc_TypeError, "cannot unpack non-iterable %.200s object",
+                             Py_TYPE(item)->tp_name);
+            }
+            return -1;
+        }
+        if (PyTuple_GET_SIZE(t) != 2) {
+            if (PyTuple_GET_SIZE(t) > 2) {
+                PyErr_SetString(PyExc_ValueError, "too many values to unpack (expected 2)");
+            }
+            else {
+                PyErr_Format(PyExc_ValueError, "not enough values to unpack (expected 2, got %zd)",
+                             PyTuple_GET_SIZE(t));
+            }
+            Py_DECREF(t);
+            return -1;
+        }
+        *owner = t;
+    }
+    *callback = PyTuple_GET_ITEM(*owner, 0);
+    *args = PyTuple_GET_ITEM(*owner, 1);
+    return 0;
+}
+
+/* `callback(*args)` */
+static PyObject *
+call_star(PyObject *callback, PyObject *args)
+{
+    if (PyTuple_CheckExact(args)) {
+        return PyObject_Vectorcall(callback, &PyTuple_GET_ITEM(args, 0), PyTuple_GET_SIZE(args), NULL);
+    }
+    PyObject *t = PySequence_Tuple(args);
+    if (t == NULL) {
+        return NULL;
+    }
+    PyObject *res = PyObject_Call(callback, t, NULL);
+    Py_DECREF(t);
+    return res;
+}
+
+static PyObject *
+queue_popleft(PyObject *q)
+{
+    if (Py_IS_TYPE(q, deque_type)) {
+        return PyObject_Vectorcall(deque_popleft, &q, 1, NULL);
+    }
+    return PyObject_CallMethodNoArgs(q, str_popleft);
+}
+
+/* Run every queued microtask, including ones queued meanwhile (FIFO).  An
+ * exception escaping a microtask is reported and the drain carries on;
+ * SystemExit and KeyboardInterrupt propagate and leave the rest queued. */
+static int
+drain_queue(PyObject *loop, PyObject *q)
+{
+    for (;;) {
+        int more = is_true(q);
+        if (more <= 0) {
+            return more;
+        }
+        PyObject *item = queue_popleft(q);
+        if (item == NULL) {
+            return -1;
+        }
+        PyObject *pair, *callback, *args;
+        int rc = unpack_pair(item, &pair, &callback, &args);
+        Py_DECREF(item);
+        if (rc < 0) {
+            return -1;
+        }
+        PyObject *res = call_star(callback, args);
+        if (res != NULL) {
+            Py_DECREF(res);
+        }
+        else {
+            if (must_propagate()) {
+                Py_DECREF(pair);
+                return -1;
+            }
+            PyObject *exc = fetch_exception();
+            rc = report_microtask_error(loop, exc, callback, args);
+            Py_XDECREF(exc);
+            if (rc < 0) {
+                Py_DECREF(pair);
+                return -1;
+            }
+        }
+        Py_DECREF(pair);
+        /* The Python loop checks for signals at every turn of `while q`. */
+        if (PyErr_CheckSignals() < 0) {
+            return -1;
+        }
+    }
+}
+
+static int
+drain_loop(PyObject *loop)
+{
+    PyObject *q = PyObject_GetAttr(loop, str_microtasks);
+    if (q == NULL) {
+        return -1;
+    }
+    int rc = drain_queue(loop, q);
+    Py_DECREF(q);
+    return rc;
+}
+
+PyDoc_STRVAR(drain_doc,
+"drain(loop)\n--\n\n"
+"Run loop's queued microtasks to the end, like\n"
+"DartEventLoop._run_pending_immediate_callback.");
+
+static PyObject *
+speedups_drain(PyObject *module, PyObject *loop)
+{
+    if (drain_loop(loop) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ----------------------------------------------------------------------- */
+/* EventRunner: _UVDartLoop._run_event (and _run_timer_event)              */
+
+typedef struct EventRunner {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *loop;
+    PyObject *microtasks;   /* loop._microtasks (fixed for the loop's life) */
+    PyObject *neutral;      /* loop._neutral_ctx */
+    /* Loop attributes read on every event, kept here by properties of the
+     * accelerated loop class (_dart_debug, _dart_oob, _dart_watch_idle,
+     * _dart_events). */
+    PyObject *debug;
+    PyObject *oob;
+    PyObject *watch_idle;
+    Py_ssize_t events;
+    int c_drain;            /* the loop class drains with LoopMethod "drain" */
+    int bound;
+} EventRunner;
+
+#define SMALL_STACK 12
+
+static PyTypeObject EventRunner_Type;
+static PyTypeObject LoopMethod_Type;
+
+/* The runner of the loop that scheduled last, so that call_soon finds it
+ * without a dict lookup. Borrowed: a runner clears it when it goes away, and
+ * a runner holds its loop, so `last_runner->loop == loop` can't be a stale
+ * match. Protected by the GIL (no cache on free-threaded builds). */
+static EventRunner *last_runner;
+
+static PyObject *runner_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+
+static EventRunner *
+runner_alloc(PyObject *loop)
+{
+    EventRunner *self = PyObject_GC_New(EventRunner, &EventRunner_Type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = runner_vectorcall;
+    self->loop = Py_NewRef(loop);
+    self->microtasks = NULL;
+    self->neutral = NULL;
+    self->debug = Py_NewRef(Py_False);
+    self->oob = NULL;
+    self->watch_idle = Py_NewRef(Py_False);
+    self->events = 0;
+    self->c_drain = 0;
+    self->bound = 0;
+    PyObject_GC_Track(self);
+    return self;
+}
+
+static PyObject *
+runner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *loop;
+    static char *kwlist[] = {"loop", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:EventRunner", kwlist, &loop)) {
+        return NULL;
+    }
+    return (PyObject *)runner_alloc(loop);
+}
+
+static int
+runner_traverse(EventRunner *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->loop);
+    Py_VISIT(self->microtasks);
+    Py_VISIT(self->neutral);
+    Py_VISIT(self->debug);
+    Py_VISIT(self->oob);
+    Py_VISIT(self->watch_idle);
+    return 0;
+}
+
+static int
+runner_clear(EventRunner *self)
+{
+    if (last_runner == self) {
+        last_runner = NULL;
+    }
+    self->bound = 0;
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->microtasks);
+    Py_CLEAR(self->neutral);
+    Py_CLEAR(self->debug);
+    Py_CLEAR(self->oob);
+    Py_CLEAR(self->watch_idle);
+    return 0;
+}
+
+static void
+runner_dealloc(EventRunner *self)
+{
+    PyObject_GC_UnTrack(self);
+    runner_clear(self);
+    PyObject_GC_Del(self);
+}
+
+/* One event: `ctx.run(callback, *args)`, then the drain, then the isolate's
+ * control queue and idle check.  args = (ctx, callback, *args). */
+static PyObject *
+run_event(EventRunner *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *loop = self->loop, *res;
+    if (!self->bound || loop == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "dartloop event runner used before bind()");
+        return NULL;
+    }
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "_run_event() needs a context and a callback");
+        return NULL;
+    }
+    Py_INCREF(loop); /* the callback may close and drop everything */
+    self->events++;
+    PyObject *ctx = args[0], *callback = args[1];
+    if (PyContext_CheckExact(ctx)) {
+        if (PyContext_Enter(ctx) < 0) {
+            res = NULL;
+        }
+        else {
+            res = PyObject_Vectorcall(callback, args + 2, nargs - 2, NULL);
+            if (PyContext_Exit(ctx) < 0) {
+                Py_CLEAR(res);
+            }
+        }
+    }
+    else {
+        /* args is (ctx, callback, *args): ctx.run(callback, *args) */
+        res = PyObject_VectorcallMethod(str_run, args, nargs, NULL);
+    }
+    if (res != NULL) {
+        Py_DECREF(res);
+    }
+    else {
+        if (must_propagate()) {
+            goto error;
+        }
+        PyObject *exc = fetch_exception();
+        PyObject *cbargs = PyTuple_New(nargs - 2);
+        if (cbargs == NULL) {
+            Py_XDECREF(exc);
+            goto error;
+        }
+        for (Py_ssize_t i = 2; i < nargs; i++) {
+            PyTuple_SET_ITEM(cbargs, i - 2, Py_NewRef(args[i]));
+        }
+        PyObject *handled = PyErr_GetHandledException();
+        PyErr_SetHandledException(exc);
+        res = PyObject_CallMethodObjArgs(loop, str_report_callback_error, exc, callback, cbargs, NULL);
+        PyErr_SetHandledException(handled);
+        Py_XDECREF(handled);
+        Py_DECREF(cbargs);
+        Py_XDECREF(exc);
+        if (res == NULL) {
+            goto error;
+        }
+        Py_DECREF(res);
+    }
+    /* if self._microtasks: self._run_pending_immediate_callback() */
+    int t = is_true(self->microtasks);
+    if (t < 0) {
+        goto error;
+    }
+    if (t) {
+        if (self->c_drain) {
+            if (drain_queue(loop, self->microtasks) < 0) {
+                goto error;
+            }
+        }
+        else {
+            res = PyObject_CallMethodNoArgs(loop, str_run_pending);
+            if (res == NULL) {
+                goto error;
+            }
+            Py_DECREF(res);
+        }
+    }
+    /* if self._dart_oob: self._isolate.serve_control() */
+    t = is_true(self->oob);
+    if (t < 0) {
+        goto error;
+    }
+    if (t) {
+        PyObject *iso = PyObject_GetAttr(loop, str_isolate);
+        if (iso == NULL) {
+            goto error;
+        }
+        res = PyObject_CallMethodNoArgs(iso, str_serve_control);
+        Py_DECREF(iso);
+        if (res == NULL) {
+            goto error;
+        }
+        Py_DECREF(res);
+    }
+    /* if self._dart_watch_idle: self._dart_check_idle() */
+    t = is_true(self->watch_idle);
+    if (t < 0) {
+        goto error;
+    }
+    if (t) {
+        res = PyObject_CallMethodNoArgs(loop, str_check_idle);
+        if (res == NULL) {
+            goto error;
+        }
+        Py_DECREF(res);
+    }
+    Py_DECREF(loop);
+    Py_RETURN_NONE;
+error:
+    Py_DECREF(loop);
+    return NULL;
+}
+
+static PyObject *
+runner_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0) {
+        PyErr_Format(PyExc_TypeError, "_run_event() got an unexpected keyword argument '%U'",
+                     PyTuple_GET_ITEM(kwnames, 0));
+        return NULL;
+    }
+    return run_event((EventRunner *)self, args, PyVectorcall_NARGS(nargsf));
+}
+
+PyDoc_STRVAR(runner_bind_doc,
+"bind()\n--\n\n"
+"Read the loop's microtask queue and neutral context; call once, after the\n"
+"loop's __init__ set them, before the runner is handed to uvloop.");
+
+static PyObject *
+runner_bind(EventRunner *self, PyObject *unused)
+{
+    if (self->loop == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the runner has no loop");
+        return NULL;
+    }
+    PyObject *q = PyObject_GetAttr(self->loop, str_microtasks);
+    if (q == NULL) {
+        return NULL;
+    }
+    PyObject *neutral = PyObject_GetAttr(self->loop, str_neutral_ctx);
+    if (neutral == NULL) {
+        Py_DECREF(q);
+        return NULL;
+    }
+    Py_XSETREF(self->microtasks, q);
+    Py_XSETREF(self->neutral, neutral);
+    /* Drain in C only if the loop's class drains with our LoopMethod; an
+     * override in Python is called instead. */
+    PyObject *drain = PyObject_GetAttr((PyObject *)Py_TYPE(self->loop), str_run_pending);
+    if (drain == NULL) {
+        return NULL;
+    }
+    self->c_drain = Py_IS_TYPE(drain, &LoopMethod_Type);
+    Py_DECREF(drain);
+    self->bound = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+runner_repr(EventRunner *self)
+{
+    return PyUnicode_FromFormat("<dartloop event runner of %R>", self->loop ? self->loop : Py_None);
+}
+
+static PyObject *
+runner_get_events(EventRunner *self, void *c)
+{
+    return PyLong_FromSsize_t(self->events);
+}
+
+static int
+runner_set_events(EventRunner *self, PyObject *value, void *c)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "can't delete the event count");
+        return -1;
+    }
+    Py_ssize_t v = PyNumber_AsSsize_t(value, PyExc_OverflowError);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    self->events = v;
+    return 0;
+}
+
+#define OBJECT_FIELD(name)                                                   \
+    static PyObject *runner_get_##name(EventRunner *self, void *c)          \
+    {                                                                        \
+        if (self->name == NULL) {                                            \
+            PyErr_SetString(PyExc_AttributeError, #name);                    \
+            return NULL;                                                     \
+        }                                                                    \
+        return Py_NewRef(self->name);                                        \
+    }                                                                        \
+    static int runner_set_##name(EventRunner *self, PyObject *value, void *c) \
+    {                                                                        \
+        Py_XSETREF(self->name, Py_XNewRef(value));                           \
+        return 0;                                                            \
+    }
+
+OBJECT_FIELD(debug)
+OBJECT_FIELD(oob)
+OBJECT_FIELD(watch_idle)
+
+static PyObject *
+runner_get_loop(EventRunner *self, void *c)
+{
+    return Py_NewRef(self->loop ? self->loop : Py_None);
+}
+
+static PyGetSetDef runner_getset[] = {
+    {"events", (getter)runner_get_events, (setter)runner_set_events, "events run (loop._dart_events)", NULL},
+    {"debug", (getter)runner_get_debug, (setter)runner_set_debug, "loop._dart_debug", NULL},
+    {"oob", (getter)runner_get_oob, (setter)runner_set_oob, "loop._dart_oob", NULL},
+    {"watch_idle", (getter)runner_get_watch_idle, (setter)runner_set_watch_idle, "loop._dart_watch_idle", NULL},
+    {"loop", (getter)runner_get_loop, NULL, "the loop", NULL},
+    {NULL},
+};
+
+static PyMethodDef runner_methods[] = {
+    {"bind", (PyCFunction)runner_bind, METH_NOARGS, runner_bind_doc},
+    {NULL},
+};
+
+PyDoc_STRVAR(runner_doc,
+"EventRunner(loop)\n--\n\n"
+"The uvloop backend's per-event wrapper: runner(ctx, callback, *args) is\n"
+"_UVDartLoop._run_event.");
+
+static PyTypeObject EventRunner_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dartloop._speedups.EventRunner",
+    .tp_basicsize = sizeof(EventRunner),
+    .tp_dealloc = (destructor)runner_dealloc,
+    .tp_vectorcall_offset = offsetof(EventRunner, vectorcall),
+    .tp_repr = (reprfunc)runner_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = runner_doc,
+    .tp_traverse = (traverseproc)runner_traverse,
+    .tp_clear = (inquiry)runner_clear,
+    .tp_methods = runner_methods,
+    .tp_getset = runner_getset,
+    .tp_new = runner_new,
+};
+
+/* ----------------------------------------------------------------------- */
+/* TimerEvent: _UVDartLoop._run_timer_event, bound to one timer            */
+
+/* The Python call_later registers `_run_timer_event(token, ctx, callback,
+ * *args)` with a one-item list `token` that receives the handle; the C
+ * call_later registers one of these instead (one object per timer instead
+ * of an args tuple and a token list), which does the same when it fires:
+ *     self._dart_timer_handles.discard(handle); self._run_event(ctx, callback, *args) */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    EventRunner *runner;
+    PyObject *handle; /* set as soon as uvloop returned it */
+    PyObject *ctx;
+    PyObject *callback;
+    PyObject *args; /* tuple */
+} TimerEvent;
+
+static PyObject *
+timer_event_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject *kwnames)
+{
+    TimerEvent *self = (TimerEvent *)op;
+    if (PyVectorcall_NARGS(nargsf) != 0 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "a dartloop timer event takes no arguments");
+        return NULL;
+    }
+    EventRunner *runner = self->runner;
+    if (runner == NULL || runner->loop == NULL || self->ctx == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "dartloop timer event used without its loop");
+        return NULL;
+    }
+    Py_INCREF(self);
+    Py_INCREF(runner);
+    PyObject *res = NULL;
+    PyObject *handles = PyObject_GetAttr(runner->loop, str_timer_handles);
+    if (handles == NULL) {
+        goto done;
+    }
+    int rc;
+    PyObject *handle = self->handle ? self->handle : Py_None;
+    if (PySet_CheckExact(handles)) {
+        rc = PySet_Discard(handles, handle);
+    }
+    else {
+        PyObject *r = PyObject_CallMethodOneArg(handles, str_discard, handle);
+        rc = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+    }
+    Py_DECREF(handles);
+    if (rc < 0) {
+        goto done;
+    }
+    Py_ssize_t nargs = PyTuple_GET_SIZE(self->args);
+    PyObject *small[SMALL_STACK];
+    PyObject **stack = small;
+    if (nargs + 2 > SMALL_STACK) {
+        stack = PyMem_Malloc((nargs + 2) * sizeof(PyObject *));
+        if (stack == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    stack[0] = self->ctx;
+    stack[1] = self->callback;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        stack[i + 2] = PyTuple_GET_ITEM(self->args, i);
+    }
+    res = run_event(runner, stack, nargs + 2);
+    if (stack != small) {
+        PyMem_Free(stack);
+    }
+done:
+    Py_DECREF(runner);
+    Py_DECREF(self);
+    return res;
+}
+
+static int
+timer_event_traverse(TimerEvent *self, visitproc visit, void *arg)
+{
+    Py_VISIT((PyObject *)self->runner);
+    Py_VISIT(self->handle);
+    Py_VISIT(self->ctx);
+    Py_VISIT(self->callback);
+    Py_VISIT(self->args);
+    return 0;
+}
+
+static int
+timer_event_clear(TimerEvent *self)
+{
+    Py_CLEAR(self->runner);
+    Py_CLEAR(self->handle);
+    Py_CLEAR(self->ctx);
+    Py_CLEAR(self->callback);
+    Py_CLEAR(self->args);
+    return 0;
+}
+
+static void
+timer_event_dealloc(TimerEvent *self)
+{
+    PyObject_GC_UnTrack(self);
+    timer_event_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyObject *
+timer_event_repr(TimerEvent *self)
+{
+    return PyUnicode_FromFormat("<dartloop timer event %R%R>", self->callback ? self->callback : Py_None,
+                                self->args ? self->args : Py_None);
+}
+
+static PyTypeObject TimerEvent_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dartloop._speedups.TimerEvent",
+    .tp_basicsize = sizeof(TimerEvent),
+    .tp_dealloc = (destructor)timer_event_dealloc,
+    .tp_vectorcall_offset = offsetof(TimerEvent, vectorcall),
+    .tp_repr = (reprfunc)timer_event_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "One timer's event on the uvloop backend (made by the C call_later).",
+    .tp_traverse = (traverseproc)timer_event_traverse,
+    .tp_clear = (inquiry)timer_event_clear,
+};
+
+static TimerEvent *
+timer_event_new(EventRunner *runner, PyObject *ctx, PyObject *callback, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *t = PyTuple_New(nargs);
+    if (t == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        PyTuple_SET_ITEM(t, i, Py_NewRef(args[i]));
+    }
+    TimerEvent *self = PyObject_GC_New(TimerEvent, &TimerEvent_Type);
+    if (self == NULL) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    self->vectorcall = timer_event_vectorcall;
+    self->runner = (EventRunner *)Py_NewRef((PyObject *)runner);
+    self->handle = NULL;
+    self->ctx = Py_NewRef(ctx);
+    self->callback = Py_NewRef(callback);
+    self->args = t;
+    PyObject_GC_Track(self);
+    return self;
+}
+
+/* ----------------------------------------------------------------------- */
+/* LoopMethod: a method descriptor for the accelerated loop classes        */
+
+enum { K_CALL_SOON, K_CALL_SOON_THREADSAFE, K_CALL_LATER, K_DRAIN, K_DRAINED };
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    int kind;
+    PyObject *fallback; /* the pure-Python method (debug mode, odd calls) */
+    PyObject *base;     /* uvloop.Loop's method the Python one calls via super() */
+    PyObject *name;
+    PyObject *qualname;
+    PyObject *doc;
+} LoopMethod;
+
+static PyObject *
+fallback_call(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    return PyObject_Vectorcall(m->fallback, args, nargsf & ~PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames);
+}
+
+/* self._dart_runner, if it is a bound EventRunner of this loop, else NULL
+ * (no exception set). */
+static EventRunner *
+loop_runner(PyObject *loop)
+{
+#ifndef Py_GIL_DISABLED
+    if (last_runner != NULL && last_runner->loop == loop && last_runner->bound) {
+        return (EventRunner *)Py_NewRef((PyObject *)last_runner);
+    }
+#endif
+    PyObject *r = PyObject_GetAttr(loop, str_runner);
+    if (r == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (!Py_IS_TYPE(r, &EventRunner_Type) || ((EventRunner *)r)->loop != loop ||
+        !((EventRunner *)r)->bound) {
+        Py_DECREF(r);
+        return NULL;
+    }
+#ifndef Py_GIL_DISABLED
+    last_runner = (EventRunner *)r;
+#endif
+    return (EventRunner *)r;
+}
+
+
+/* call_soon / call_soon_threadsafe (lead = 1) and call_later (lead = 2):
+ *     super().call_soon(self._dart_run_event, ctx, callback, *args, context=self._neutral_ctx)
+ *     token = [None]
+ *     handle = super().call_later(delay, self._run_timer_event, token, ctx, callback, *args,
+ *                                 context=self._neutral_ctx)
+ *     token[0] = handle; self._dart_timer_handles.add(handle); return handle
+ * with ctx = context if context is not None else contextvars.copy_context().
+ * (The C call_later registers a TimerEvent in place of the method and token.) */
+static PyObject *
+loopmethod_schedule(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    int timer = m->kind == K_CALL_LATER;
+    Py_ssize_t lead = timer ? 2 : 1; /* self (and delay) before the callback */
+    PyObject *context = NULL;
+    if (nargs < lead + 1) {
+        return fallback_call(m, args, nargsf, kwnames);
+    }
+    if (kwnames != NULL) {
+        Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nkw; i++) {
+            PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+            if (key != str_context && !(PyUnicode_Check(key) && PyUnicode_Compare(key, str_context) == 0)) {
+                return fallback_call(m, args, nargsf, kwnames); /* raises the TypeError */
+            }
+            context = args[nargs + i];
+        }
+    }
+    PyObject *loop = args[0];
+    EventRunner *runner = loop_runner(loop);
+    if (runner == NULL) {
+        return fallback_call(m, args, nargsf, kwnames);
+    }
+    int debug = is_true(runner->debug);
+    if (debug != 0) {
+        Py_DECREF(runner);
+        if (debug < 0) {
+            return NULL;
+        }
+        /* Debug mode checks the callback first: the Python method does it. */
+        return fallback_call(m, args, nargsf, kwnames);
+    }
+    PyObject *ctx = (context != NULL && context != Py_None) ? Py_NewRef(context) : PyContext_CopyCurrent();
+    if (ctx == NULL) {
+        Py_DECREF(runner);
+        return NULL;
+    }
+    PyObject *handle;
+    if (timer) {
+        TimerEvent *ev = timer_event_new(runner, ctx, args[2], args + 3, nargs - 3);
+        if (ev == NULL) {
+            Py_DECREF(ctx);
+            Py_DECREF(runner);
+            return NULL;
+        }
+        PyObject *stack[4] = {loop, args[1], (PyObject *)ev, runner->neutral};
+        handle = PyObject_Vectorcall(m->base, stack, 3, kwnames_context);
+        if (handle != NULL) {
+            ev->handle = Py_NewRef(handle);
+            /* self._dart_timer_handles.add(handle) */
+            PyObject *handles = PyObject_GetAttr(loop, str_timer_handles);
+            int rc = -1;
+            if (handles != NULL) {
+                if (PySet_CheckExact(handles)) {
+                    rc = PySet_Add(handles, handle);
+                }
+                else {
+                    PyObject *r = PyObject_CallMethodOneArg(handles, str_add, handle);
+                    rc = r == NULL ? -1 : 0;
+                    Py_XDECREF(r);
+                }
+                Py_DECREF(handles);
+            }
+            if (rc < 0) {
+                Py_CLEAR(handle);
+            }
+        }
+        Py_DECREF(ev);
+    }
+    else {
+        /* [self, runner, ctx, callback, *args] + context=neutral */
+        Py_ssize_t n = nargs + 2;
+        PyObject *small[SMALL_STACK + 1];
+        PyObject **stack = small;
+        if (n + 1 > SMALL_STACK) {
+            stack = PyMem_Malloc((n + 1) * sizeof(PyObject *));
+            if (stack == NULL) {
+                Py_DECREF(ctx);
+                Py_DECREF(runner);
+                return PyErr_NoMemory();
+            }
+        }
+        stack[0] = loop;
+        stack[1] = (PyObject *)runner;
+        stack[2] = ctx;
+        for (Py_ssize_t i = 1; i < nargs; i++) {
+            stack[i + 2] = args[i];
+        }
+        stack[n] = runner->neutral;
+        handle = PyObject_Vectorcall(m->base, stack, n, kwnames_context);
+        if (stack != small) {
+            PyMem_Free(stack);
+        }
+    }
+    Py_DECREF(ctx);
+    Py_DECREF(runner);
+    return handle;
+}
+
+static void
+restore_exception(PyObject *exc)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+#endif
+}
+
+/* A protocol proxy's method (dartloop._protocols._drained(name)):
+ *     try:
+ *         return getattr(self._dartloop_target, name)(*args)
+ *     finally:
+ *         loop = self._dartloop_loop
+ *         if loop._microtasks:
+ *             loop._run_pending_immediate_callback()  */
+static PyObject *
+loopmethod_drained(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0) {
+        return fallback_call(m, args, nargsf, kwnames);
+    }
+    PyObject *proxy = args[0];
+    PyObject *res = NULL, *target = PyObject_GetAttr(proxy, str_target);
+    if (target != NULL) {
+        PyObject *small[SMALL_STACK];
+        PyObject **stack = small;
+        if (nargs > SMALL_STACK) {
+            stack = PyMem_Malloc(nargs * sizeof(PyObject *));
+        }
+        if (stack == NULL) {
+            PyErr_NoMemory();
+        }
+        else {
+            stack[0] = target;
+            for (Py_ssize_t i = 1; i < nargs; i++) {
+                stack[i] = args[i];
+            }
+            res = PyObject_VectorcallMethod(m->name, stack, nargs, NULL);
+            if (stack != small) {
+                PyMem_Free(stack);
+            }
+        }
+        Py_DECREF(target);
+    }
+    /* finally: with the exception in flight as the one being handled */
+    PyObject *exc = res == NULL ? fetch_exception() : NULL;
+    PyObject *handled = NULL;
+    if (exc != NULL) {
+        handled = PyErr_GetHandledException();
+        PyErr_SetHandledException(exc);
+    }
+    int rc = -1;
+    PyObject *loop = PyObject_GetAttr(proxy, str_proxy_loop);
+    if (loop != NULL) {
+        PyObject *q = PyObject_GetAttr(loop, str_microtasks);
+        if (q != NULL) {
+            int t = is_true(q);
+            Py_DECREF(q);
+            if (t > 0) {
+                PyObject *r = PyObject_CallMethodNoArgs(loop, str_run_pending);
+                rc = r == NULL ? -1 : 0;
+                Py_XDECREF(r);
+            }
+            else {
+                rc = t;
+            }
+        }
+        Py_DECREF(loop);
+    }
+    if (exc != NULL) {
+        PyErr_SetHandledException(handled);
+        Py_XDECREF(handled);
+        if (rc == 0) {
+            restore_exception(exc); /* steals */
+        }
+        else {
+            Py_DECREF(exc); /* the finally block's exception replaces it */
+        }
+        return NULL;
+    }
+    if (rc < 0) {
+        Py_XDECREF(res);
+        return NULL;
+    }
+    return res;
+}
+
+static PyObject *
+loopmethod_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    LoopMethod *m = (LoopMethod *)self;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1) {
+        PyErr_Format(PyExc_TypeError, "unbound method %U() needs an argument", m->name);
+        return NULL;
+    }
+    if (m->kind == K_DRAINED) {
+        return loopmethod_drained(m, args, nargsf, kwnames);
+    }
+    if (m->kind == K_DRAIN) {
+        if (nargs != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+            return fallback_call(m, args, nargsf, kwnames);
+        }
+        if (drain_loop(args[0]) < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    return loopmethod_schedule(m, args, nargsf, kwnames);
+}
+
+static PyObject *
+loopmethod_descr_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(self);
+    }
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *
+loopmethod_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"kind", "fallback", "base", NULL};
+    const char *kind;
+    PyObject *fallback, *base = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sO|O:LoopMethod", kwlist, &kind, &fallback, &base)) {
+        return NULL;
+    }
+    int k;
+    if (strcmp(kind, "call_soon") == 0) {
+        k = K_CALL_SOON;
+    }
+    else if (strcmp(kind, "call_soon_threadsafe") == 0) {
+        k = K_CALL_SOON_THREADSAFE;
+    }
+    else if (strcmp(kind, "call_later") == 0) {
+        k = K_CALL_LATER;
+    }
+    else if (strcmp(kind, "drain") == 0) {
+        k = K_DRAIN;
+    }
+    else if (strcmp(kind, "drained") == 0) {
+        k = K_DRAINED;
+    }
+    else {
+        PyErr_Format(PyExc_ValueError, "unknown LoopMethod kind %s", kind);
+        return NULL;
+    }
+    if (!PyCallable_Check(fallback) || (k < K_DRAIN && !PyCallable_Check(base))) {
+        PyErr_SetString(PyExc_TypeError, "LoopMethod needs a callable fallback (and base)");
+        return NULL;
+    }
+    LoopMethod *m = PyObject_GC_New(LoopMethod, type);
+    if (m == NULL) {
+        return NULL;
+    }
+    m->vectorcall = loopmethod_vectorcall;
+    m->kind = k;
+    m->fallback = Py_NewRef(fallback);
+    m->base = Py_NewRef(base);
+    m->name = PyObject_GetAttrString(fallback, "__name__");
+    m->qualname = m->name ? PyObject_GetAttrString(fallback, "__qualname__") : NULL;
+    m->doc = m->qualname ? PyObject_GetAttrString(fallback, "__doc__") : NULL;
+    PyObject_GC_Track(m);
+    if (m->doc == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return (PyObject *)m;
+}
+
+static int
+loopmethod_traverse(LoopMethod *m, visitproc visit, void *arg)
+{
+    Py_VISIT(m->fallback);
+    Py_VISIT(m->base);
+    Py_VISIT(m->name);
+    Py_VISIT(m->qualname);
+    Py_VISIT(m->doc);
+    return 0;
+}
+
+static int
+loopmethod_clear(LoopMethod *m)
+{
+    Py_CLEAR(m->fallback);
+    Py_CLEAR(m->base);
+    Py_CLEAR(m->name);
+    Py_CLEAR(m->qualname);
+    Py_CLEAR(m->doc);
+    return 0;
+}
+
+static void
+loopmethod_dealloc(LoopMethod *m)
+{
+    PyObject_GC_UnTrack(m);
+    loopmethod_clear(m);
+    PyObject_GC_Del(m);
+}
+
+static PyObject *
+loopmethod_repr(LoopMethod *m)
+{
+    return PyUnicode_FromFormat("<dartloop accelerated method %U>", m->qualname ? m->qualname : Py_None);
+}
+
+static PyObject *
+loopmethod_get_attr(LoopMethod *m, void *which)
+{
+    PyObject *v = which == (void *)0 ? m->name : which == (void *)1 ? m->qualname : which == (void *)2 ? m->doc : m->fallback;
+    return Py_NewRef(v ? v : Py_None);
+}
+
+static PyGetSetDef loopmethod_getset[] = {
+    {"__name__", (getter)loopmethod_get_attr, NULL, NULL, (void *)0},
+    {"__qualname__", (getter)loopmethod_get_attr, NULL, NULL, (void *)1},
+    {"__doc__", (getter)loopmethod_get_attr, NULL, NULL, (void *)2},
+    {"__wrapped__", (getter)loopmethod_get_attr, NULL, "the pure-Python method", (void *)3},
+    {NULL},
+};
+
+static PyTypeObject LoopMethod_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dartloop._speedups.LoopMethod",
+    .tp_basicsize = sizeof(LoopMethod),
+    .tp_dealloc = (destructor)loopmethod_dealloc,
+    .tp_vectorcall_offset = offsetof(LoopMethod, vectorcall),
+    .tp_repr = (reprfunc)loopmethod_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = "LoopMethod(kind, fallback, base=None)\n--\n\n"
+              "A method of an accelerated loop class, in C. kind: 'call_soon',\n"
+              "'call_soon_threadsafe', 'call_later' (uvloop backend; base is\n"
+              "uvloop.Loop's method), 'drain', or 'drained' (a protocol proxy's\n"
+              "method, named like fallback). fallback is the pure-Python method,\n"
+              "used in debug mode and for calls it would reject.",
+    .tp_traverse = (traverseproc)loopmethod_traverse,
+    .tp_clear = (inquiry)loopmethod_clear,
+    .tp_getset = loopmethod_getset,
+    .tp_descr_get = loopmethod_descr_get,
+    .tp_new = loopmethod_new,
+};
+
+/* ----------------------------------------------------------------------- */
+/* schedule_microtask                                                      */
+
+/* loop._mt_append of the loop that scheduled last, and a weak reference to
+ * that loop: a dead loop's weakref no longer matches, so a new loop at the
+ * same address can't pick up the old queue. (_mt_append is bound once, in
+ * DartEventLoop._dart_setup, and never reassigned.) */
+static PyObject *last_mt_loop;   /* weakref to the loop */
+static PyObject *last_mt_append; /* its _mt_append */
+
+static PyObject *
+loop_mt_append(PyObject *loop)
+{
+#ifndef Py_GIL_DISABLED
+    if (last_mt_loop != NULL) {
+        PyObject *cached;
+#if PY_VERSION_HEX >= 0x030D0000
+        if (PyWeakref_GetRef(last_mt_loop, &cached) < 0) {
+            return NULL;
+        }
+        Py_XDECREF(cached); /* only its identity is used */
+#else
+        cached = PyWeakref_GET_OBJECT(last_mt_loop);
+#endif
+        if (cached == loop) {
+            return Py_NewRef(last_mt_append);
+        }
+    }
+#endif
+    PyObject *append = PyObject_GetAttr(loop, str_mt_append);
+    if (append == NULL) {
+        return NULL;
+    }
+#ifndef Py_GIL_DISABLED
+    PyObject *ref = PyWeakref_NewRef(loop, NULL);
+    if (ref == NULL) {
+        PyErr_Clear(); /* not weak-referenceable: no cache */
+    }
+    else {
+        Py_XSETREF(last_mt_loop, ref);
+        Py_XSETREF(last_mt_append, Py_NewRef(append));
+    }
+#endif
+    return append;
+}
+
+PyDoc_STRVAR(schedule_microtask_doc,
+"schedule_microtask(callback, *args)\n--\n\n"
+"Queue callback(*args) to run in the current turn's microtask drain\n"
+"(the C version of dartloop.schedule_microtask; same behaviour).");
+
+static PyObject *
+speedups_schedule_microtask(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0) {
+        PyErr_Format(PyExc_TypeError, "schedule_microtask() got an unexpected keyword argument '%U'",
+                     PyTuple_GET_ITEM(kwnames, 0));
+        return NULL;
+    }
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError,
+                        "schedule_microtask() missing 1 required positional argument: 'callback'");
+        return NULL;
+    }
+    PyObject *loop = PyObject_Vectorcall(get_running_loop, NULL, 0, NULL);
+    if (loop == NULL) {
+        return NULL;
+    }
+    PyObject *append = loop_mt_append(loop);
+    if (append == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            Py_DECREF(loop);
+            return NULL;
+        }
+        /* raise _no_loop("schedule_microtask()", loop) from None */
+        PyErr_Clear();
+        if (lazy_attr(&no_loop, "dartloop._microtasks", "_no_loop") != NULL) {
+            PyObject *what = PyUnicode_FromString("schedule_microtask()");
+            PyObject *err = what ? PyObject_CallFunctionObjArgs(no_loop, what, loop, NULL) : NULL;
+            Py_XDECREF(what);
+            if (err != NULL) {
+                PyException_SetCause(err, NULL); /* also sets __suppress_context__ */
+                PyErr_SetObject((PyObject *)Py_TYPE(err), err);
+                Py_DECREF(err);
+            }
+        }
+        Py_DECREF(loop);
+        return NULL;
+    }
+    Py_DECREF(loop);
+    PyObject *callback = args[0];
+    if (!PyCallable_Check(callback)) {
+        PyErr_Format(PyExc_TypeError, "schedule_microtask() needs a callable, got %s %R",
+                     Py_TYPE(callback)->tp_name, callback);
+        Py_DECREF(append);
+        return NULL;
+    }
+    PyObject *cbargs = PyTuple_New(nargs - 1);
+    if (cbargs == NULL) {
+        Py_DECREF(append);
+        return NULL;
+    }
+    for (Py_ssize_t i = 1; i < nargs; i++) {
+        PyTuple_SET_ITEM(cbargs, i - 1, Py_NewRef(args[i]));
+    }
+    PyObject *item = PyTuple_Pack(2, callback, cbargs);
+    Py_DECREF(cbargs);
+    if (item == NULL) {
+        Py_DECREF(append);
+        return NULL;
+    }
+    PyObject *res = PyObject_Vectorcall(append, &item, 1, NULL);
+    Py_DECREF(item);
+    Py_DECREF(append);
+    if (res == NULL) {
+        return NULL;
+    }
+    Py_DECREF(res);
+    Py_RETURN_NONE;
+}
+
+/* ----------------------------------------------------------------------- */
+/* Module                                                                  */
+
+static PyMethodDef speedups_methods[] = {
+    {"drain", (PyCFunction)speedups_drain, METH_O, drain_doc},
+    {"schedule_microtask", (PyCFunction)(void (*)(void))speedups_schedule_microtask,
+     METH_FASTCALL | METH_KEYWORDS, schedule_microtask_doc},
+    {NULL},
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "dartloop._speedups",
+    .m_doc = "C versions of dartloop's event-loop hot paths (optional; see dartloop/_loop.py).",
+    .m_size = -1,
+    .m_methods = speedups_methods,
+};
+
+static int
+intern(PyObject **slot, const char *s)
+{
+    *slot = PyUnicode_InternFromString(s);
+    return *slot == NULL ? -1 : 0;
+}
+
+static int
+check_deque_size(void)
+{
+    /* Py_SIZE(deque) is its length in CPython (PyObject_VAR_HEAD); check. */
+    PyObject *d = PyObject_CallNoArgs((PyObject *)deque_type);
+    if (d == NULL) {
+        return -1;
+    }
+    int ok = 1;
+    for (int i = 0; i < 3 && ok; i++) {
+        PyObject *r = PyObject_CallMethod(d, "append", "O", Py_None);
+        if (r == NULL) {
+            Py_DECREF(d);
+            return -1;
+        }
+        Py_DECREF(r);
+        ok = Py_SIZE(d) == i + 1;
+    }
+    Py_DECREF(d);
+    deque_size_ok = ok;
+    return 0;
+}
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    if (intern(&str_context, "context") < 0 || intern(&str_run, "run") < 0 ||
+        intern(&str_microtasks, "_microtasks") < 0 || intern(&str_neutral_ctx, "_neutral_ctx") < 0 ||
+        intern(&str_report_callback_error, "_report_callback_error") < 0 ||
+        intern(&str_report_uncaught, "_report_uncaught") < 0 || intern(&str_get_debug, "get_debug") < 0 ||
+        intern(&str_message, "message") < 0 || intern(&str_exception, "exception") < 0 ||
+        intern(&str_isolate, "_isolate") < 0 || intern(&str_serve_control, "serve_control") < 0 ||
+        intern(&str_check_idle, "_dart_check_idle") < 0 ||
+        intern(&str_timer_handles, "_dart_timer_handles") < 0 || intern(&str_discard, "discard") < 0 ||
+        intern(&str_add, "add") < 0 || intern(&str_popleft, "popleft") < 0 ||
+        intern(&str_run_pending, "_run_pending_immediate_callback") < 0 ||
+        intern(&str_mt_append, "_mt_append") < 0 || intern(&str_runner, "_dart_runner") < 0 ||
+        intern(&str_target, "_dartloop_target") < 0 || intern(&str_proxy_loop, "_dartloop_loop") < 0) {
+        return NULL;
+    }
+    str_exc_in_microtask = PyUnicode_FromString("Exception in microtask ");
+    if (str_exc_in_microtask == NULL) {
+        return NULL;
+    }
+    kwnames_context = PyTuple_Pack(1, str_context);
+    if (kwnames_context == NULL) {
+        return NULL;
+    }
+
+    PyObject *collections = PyImport_ImportModule("collections");
+    if (collections == NULL) {
+        return NULL;
+    }
+    deque_type = (PyTypeObject *)PyObject_GetAttrString(collections, "deque");
+    Py_DECREF(collections);
+    if (deque_type == NULL) {
+        return NULL;
+    }
+    if (!PyType_Check(deque_type)) {
+        PyErr_SetString(PyExc_ImportError, "collections.deque is not a type");
+        return NULL;
+    }
+    deque_popleft = PyObject_GetAttrString((PyObject *)deque_type, "popleft");
+    if (deque_popleft == NULL || check_deque_size() < 0) {
+        return NULL;
+    }
+
+    PyObject *events = PyImport_ImportModule("asyncio.events");
+    if (events == NULL) {
+        return NULL;
+    }
+    get_running_loop = PyObject_GetAttrString(events, "_get_running_loop");
+    Py_DECREF(events);
+    if (get_running_loop == NULL) {
+        return NULL;
+    }
+
+    if (PyType_Ready(&EventRunner_Type) < 0 || PyType_Ready(&LoopMethod_Type) < 0 ||
+        PyType_Ready(&TimerEvent_Type) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&speedups_module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(m, "EventRunner", (PyObject *)&EventRunner_Type) < 0 ||
+        PyModule_AddObjectRef(m, "LoopMethod", (PyObject *)&LoopMethod_Type) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,609 @@
+"""dartloop as a drop-in asyncio loop.
+
+Each scenario runs on stock asyncio, stock uvloop and both dartloop backends
+(``run_everywhere``) and the results must be equal: dartloop changes when
+microtasks run, nothing else an asyncio program can observe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from typing import Any
+
+import pytest
+from _loop_helpers import (
+    DART_BACKENDS,
+    DART_KINDS,
+    LOOP_KINDS,
+    PY312,
+    assert_all_equal,
+    busy_wait,
+    run_everywhere,
+    run_on,
+)
+
+import dartloop
+
+IN_MAIN_THREAD = threading.current_thread() is threading.main_thread()
+
+
+def test_call_soon_call_later_order() -> None:
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        log: list[str] = []
+        done = loop.create_future()
+        loop.call_later(0.02, log.append, "later 20ms")
+        loop.call_later(0.01, log.append, "later 10ms")
+        loop.call_at(loop.time() + 0.015, log.append, "at 15ms")
+        for i in range(5):
+            loop.call_soon(log.append, f"soon {i}")
+        h = loop.call_soon(log.append, "cancelled")
+        h.cancel()
+        assert h.cancelled()
+
+        def nested() -> None:
+            log.append("nested")
+            loop.call_soon(log.append, "queued by nested")
+
+        loop.call_soon(nested)
+        loop.call_soon(log.append, "after nested")
+        loop.call_later(0.03, done.set_result, None)
+        await done
+        return log
+
+    assert assert_all_equal(run_everywhere(main)) == [
+        *(f"soon {i}" for i in range(5)),
+        "nested",
+        "after nested",
+        "queued by nested",
+        "later 10ms",
+        "at 15ms",
+        "later 20ms",
+    ]
+
+
+def test_tasks_and_gather_order() -> None:
+    async def main() -> list[str]:
+        log: list[str] = []
+
+        async def worker(name: str, hops: int) -> str:
+            for i in range(hops):
+                log.append(f"{name}{i}")
+                await asyncio.sleep(0)
+            return name
+
+        results = await asyncio.gather(worker("a", 3), worker("b", 2), worker("c", 1))
+        log.extend(results)
+        return log
+
+    assert assert_all_equal(run_everywhere(main)) == ["a0", "b0", "c0", "a1", "b1", "a2", "a", "b", "c"]
+
+
+def test_stream_echo() -> None:
+    async def main() -> list[bytes]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while line := await reader.readline():
+                writer.write(line.upper())
+                await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        got = []
+        for line in (b"hello\n", b"dart\n", b"x" * 60_000 + b"\n"):
+            writer.write(line)
+            await writer.drain()
+            got.append(await reader.readline())
+        writer.write_eof()
+        got.append(await reader.read())
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return got
+
+    assert assert_all_equal(run_everywhere(main)) == [b"HELLO\n", b"DART\n", b"X" * 60_000 + b"\n", b""]
+
+
+def test_create_server_create_connection() -> None:
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        events: list[Any] = []
+        closed = loop.create_future()
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = transport
+                events.append("server made")
+
+            def data_received(self, data: bytes) -> None:
+                self.transport.write(data[::-1])  # type: ignore[attr-defined]
+
+            def eof_received(self) -> None:
+                events.append("server eof")
+                return None  # close
+
+            def connection_lost(self, exc: BaseException | None) -> None:
+                events.append(("server lost", exc))
+
+        class Client(asyncio.Protocol):
+            def __init__(self) -> None:
+                self.data = b""
+
+            def data_received(self, data: bytes) -> None:
+                self.data += data
+                if self.data == b"olleh":
+                    self.transport.write_eof()  # type: ignore[attr-defined]
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = transport
+
+            def connection_lost(self, exc: BaseException | None) -> None:
+                closed.set_result(self.data)
+
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        assert server.is_serving()
+        port = server.sockets[0].getsockname()[1]
+        transport, proto = await loop.create_connection(Client, "127.0.0.1", port)
+        assert isinstance(proto, Client)
+        assert transport.get_protocol() is not None
+        transport.write(b"hello")
+        events.append(await closed)
+        server.close()
+        await server.wait_closed()
+        while len(events) < 4:
+            await asyncio.sleep(0)
+        return sorted(map(repr, events))
+
+    assert_all_equal(run_everywhere(main))
+
+
+def test_udp_echo() -> None:
+    async def main() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+        class Server(asyncio.DatagramProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = transport
+
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                self.transport.sendto(data * 2, addr)  # type: ignore[attr-defined]
+
+        class Client(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                answers.put_nowait(data)
+
+        server_t, _ = await loop.create_datagram_endpoint(Server, local_addr=("127.0.0.1", 0))
+        client_t, _ = await loop.create_datagram_endpoint(Client, remote_addr=server_t.get_extra_info("sockname"))
+        got = []
+        for msg in (b"a", b"bc", b"def"):
+            client_t.sendto(msg)
+            got.append(await answers.get())
+        client_t.close()
+        server_t.close()
+        return got
+
+    assert assert_all_equal(run_everywhere(main)) == [b"aa", b"bcbc", b"defdef"]
+
+
+def test_unix_streams() -> None:
+    async def main() -> list[bytes]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            data = await reader.read()
+            writer.write(b"got " + data)
+            writer.close()
+            await writer.wait_closed()
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "s")
+            server = await asyncio.start_unix_server(handle, path)
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(b"unix data")
+            writer.write_eof()
+            answer = await reader.read()
+            writer.close()
+            await writer.wait_closed()
+            server.close()
+            await server.wait_closed()
+        return [answer]
+
+    assert assert_all_equal(run_everywhere(main)) == [b"got unix data"]
+
+
+def test_subprocess_exec_with_pipes() -> None:
+    async def main() -> list[Any]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "import sys; data = sys.stdin.read(); print(data.upper()); print('err', file=sys.stderr); sys.exit(3)",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate(b"to the child")
+        rc = await proc.wait()
+        shell = await asyncio.create_subprocess_shell("exit 5")
+        return [out, err, rc, proc.returncode, await shell.wait()]
+
+    assert assert_all_equal(run_everywhere(main)) == [b"TO THE CHILD\n", b"err\n", 3, 3, 5]
+
+
+@pytest.mark.skipif(not IN_MAIN_THREAD, reason="signals need the main thread")
+def test_signal_handlers() -> None:
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        got: asyncio.Queue[Any] = asyncio.Queue()
+        loop.add_signal_handler(signal.SIGUSR1, got.put_nowait, "usr1")
+        loop.add_signal_handler(signal.SIGUSR2, got.put_nowait, "usr2")
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            first = await got.get()
+            os.kill(os.getpid(), signal.SIGUSR2)
+            second = await got.get()
+        finally:
+            removed = [loop.remove_signal_handler(signal.SIGUSR1), loop.remove_signal_handler(signal.SIGUSR2)]
+        removed.append(loop.remove_signal_handler(signal.SIGUSR1))
+        with pytest.raises(TypeError):
+            loop.add_signal_handler(signal.SIGUSR1, main)
+        return [first, second, removed]
+
+    assert assert_all_equal(run_everywhere(main)) == ["usr1", "usr2", [True, True, False]]
+
+
+def test_executor_and_to_thread() -> None:
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        main_thread = threading.get_ident()
+        r1 = await loop.run_in_executor(None, lambda: threading.get_ident() != main_thread)
+        r2 = await asyncio.to_thread(sum, [1, 2, 3])
+        with pytest.raises(ZeroDivisionError):
+            await loop.run_in_executor(None, lambda: 1 / 0)
+        results = await asyncio.gather(*(asyncio.to_thread(pow, 2, i) for i in range(8)))
+        return [r1, r2, results]
+
+    assert assert_all_equal(run_everywhere(main)) == [True, 6, [2**i for i in range(8)]]
+
+
+def test_cancellation_timeout_wait_for() -> None:
+    async def main() -> list[Any]:
+        log: list[Any] = []
+
+        async def sleeper() -> None:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                log.append("cancelled inside")
+                raise
+
+        task = asyncio.get_running_loop().create_task(sleeper())
+        await asyncio.sleep(0)
+        task.cancel("why")
+        try:
+            await task
+        except asyncio.CancelledError as e:
+            log.append(("cancelled", e.args))
+        try:
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(10)
+        except TimeoutError:
+            log.append("timeout")
+        try:
+            await asyncio.wait_for(asyncio.sleep(10), 0.01)
+        except TimeoutError:
+            log.append("wait_for timeout")
+        log.append(await asyncio.wait_for(asyncio.sleep(0, "in time"), 10))
+        shielded = asyncio.ensure_future(asyncio.sleep(0.01, "shielded"))
+        try:
+            await asyncio.wait_for(asyncio.shield(shielded), 0.001)
+        except TimeoutError:
+            log.append(await shielded)
+        return log
+
+    assert assert_all_equal(run_everywhere(main)) == [
+        "cancelled inside",
+        ("cancelled", ("why",)),
+        "timeout",
+        "wait_for timeout",
+        "in time",
+        "shielded",
+    ]
+
+
+def test_runner_life_cycle() -> None:
+    def scenario(factory: Any) -> list[Any]:
+        log: list[Any] = []
+        keep: list[Any] = []  # keeps the generator alive until shutdown_asyncgens
+        release_job = threading.Event()
+
+        async def agen() -> Any:
+            try:
+                yield 1
+                yield 2
+            finally:
+                log.append("agen finalized")
+                release_job.set()
+
+        async def first() -> int:
+            gen = agen()
+            keep.append(gen)
+            log.append(await gen.__anext__())  # left suspended
+            asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: log.append(("error", ctx["message"])))
+            return 1
+
+        def blocking_job() -> None:
+            # Still running when the runner closes: shutdown_default_executor waits.
+            release_job.wait(30)
+            log.append("executor job done")
+
+        async def second() -> int:
+            loop = asyncio.get_running_loop()
+            loop.run_in_executor(None, blocking_job)  # not awaited
+            return 2
+
+        async def leftover() -> None:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                log.append("leftover task cancelled")
+                raise
+
+        async def third() -> int:
+            asyncio.get_running_loop().create_task(leftover())
+            await asyncio.sleep(0)
+            return 3
+
+        with asyncio.Runner(loop_factory=factory) as runner:
+            loop = runner.get_loop()
+            log.append(runner.run(first()))
+            log.append(runner.run(second()))
+            log.append(runner.run(third()))
+            log.append(loop.is_closed())
+        log.append(loop.is_closed())
+        return log
+
+    results = {kind: scenario(factory) for kind, factory in LOOP_KINDS.items()}
+    expected = assert_all_equal(results)
+    assert expected == [
+        1,
+        1,
+        2,
+        3,
+        False,
+        "leftover task cancelled",
+        "agen finalized",
+        "executor job done",
+        True,
+    ]
+
+
+@pytest.mark.skipif(not PY312, reason="asyncio.run(loop_factory=...) is new in 3.12")
+@pytest.mark.parametrize("backend", DART_BACKENDS)
+def test_asyncio_run_with_loop_factory(backend: str) -> None:
+    async def main() -> tuple[str, bool, bool]:
+        loop = asyncio.get_running_loop()
+        return loop.backend, loop.strict, isinstance(loop, dartloop.DartEventLoop)  # type: ignore[attr-defined]
+
+    factory = functools.partial(dartloop.new_event_loop, backend=backend)
+    assert asyncio.run(main(), loop_factory=factory) == (backend, False, True)  # type: ignore[call-arg]
+    assert asyncio.run(main(), loop_factory=dartloop.new_event_loop) == (dartloop.default_backend(), False, True)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("backend", [None, *DART_BACKENDS])
+def test_event_loop_policy(backend: str | None) -> None:
+    async def main() -> tuple[str, bool]:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, dartloop.DartEventLoop)
+        return loop.backend, loop.strict
+
+    old = asyncio.get_event_loop_policy()
+    try:
+        asyncio.set_event_loop_policy(dartloop.EventLoopPolicy(backend=backend, strict=True))
+        assert asyncio.run(main()) == (backend or dartloop.default_backend(), True)
+        loop = asyncio.new_event_loop()
+        try:
+            assert isinstance(loop, dartloop.DartEventLoop)
+        finally:
+            loop.close()
+    finally:
+        asyncio.set_event_loop_policy(old)
+    with pytest.raises(ValueError):
+        dartloop.EventLoopPolicy(backend="nope")
+
+
+def test_dartloop_run() -> None:
+    async def main(x: int) -> int:
+        await asyncio.sleep(0)
+        return x * 2
+
+    assert dartloop.run(main(21)) == 42
+    for backend in DART_BACKENDS:
+        assert dartloop.run(main(1), backend=backend, debug=True) == 2
+    with pytest.raises(ValueError, match="coroutine was expected"):
+        dartloop.run(main)  # type: ignore[arg-type]
+
+    async def nested() -> None:
+        coro = main(1)
+        try:
+            with pytest.raises(RuntimeError):
+                dartloop.run(coro)
+        finally:
+            coro.close()
+
+    dartloop.run(nested())
+
+
+def test_contextvars() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        log: list[str] = []
+        done = loop.create_future()
+        var.set("main")
+        loop.call_soon(lambda: log.append(f"call_soon sees {var.get()}"))
+        ctx = contextvars.copy_context()
+        ctx.run(var.set, "explicit")
+        loop.call_soon(lambda: log.append(f"explicit context sees {var.get()}"), context=ctx)
+        loop.call_later(0.001, lambda: log.append(f"call_later sees {var.get()}"))
+
+        def setter() -> None:
+            var.set("changed in callback")  # in the callback's own copy
+
+        loop.call_soon(setter)
+
+        async def child() -> str:
+            seen = var.get()
+            var.set("child")
+            return seen
+
+        log.append(f"task sees {await loop.create_task(child())}")
+        log.append(f"main still sees {var.get()}")
+        loop.call_later(0.005, done.set_result, None)
+        await done
+        return log
+
+    assert assert_all_equal(run_everywhere(main)) == [
+        "call_soon sees main",
+        "explicit context sees explicit",
+        "task sees main",
+        "main still sees main",
+        "call_later sees main",
+    ]
+
+
+def test_debug_mode_logs_slow_callbacks(caplog: pytest.LogCaptureFixture) -> None:
+    def slow_callback() -> None:
+        busy_wait(0.06)
+
+    async def main() -> bool:
+        loop = asyncio.get_running_loop()
+        assert loop.get_debug()
+        loop.slow_callback_duration = 0.05
+        done = loop.create_future()
+        loop.call_soon(slow_callback)
+        loop.call_soon(done.set_result, None)
+        await done
+        return True
+
+    for kind, factory in LOOP_KINDS.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="asyncio"):
+            assert run_on(factory, main, debug=True)
+        slow = [r.getMessage() for r in caplog.records if r.name == "asyncio" and "Executing" in r.getMessage()]
+        assert slow, f"{kind}: no slow-callback warning"
+        assert any("slow_callback" in m and "took" in m for m in slow), (kind, slow)
+
+
+def test_debug_mode_call_soon_from_another_thread_raises() -> None:
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        outcomes: list[str] = []
+
+        def other_thread() -> None:
+            for name, call in (
+                ("call_soon", lambda: loop.call_soon(print)),
+                ("call_later", lambda: loop.call_later(10, print).cancel()),
+                ("call_at", lambda: loop.call_at(loop.time() + 10, print).cancel()),
+            ):
+                try:
+                    call()
+                    outcomes.append(f"{name}: allowed")
+                except RuntimeError as exc:
+                    outcomes.append(f"{name}: {exc}")
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        await asyncio.to_thread(thread.join)
+        return outcomes
+
+    results = run_everywhere(main, debug=True)
+    expected = assert_all_equal(results)
+    assert all("Non-thread-safe operation" in o for o in expected), expected
+
+
+def test_debug_mode_coroutine_checks() -> None:
+    async def coro_fn() -> None:
+        pass
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        out = []
+        for name, call in (
+            ("call_soon", lambda: loop.call_soon(coro_fn)),
+            ("call_later", lambda: loop.call_later(1, coro_fn)),
+        ):
+            try:
+                call()
+                out.append(f"{name}: allowed")
+            except TypeError:
+                out.append(f"{name}: TypeError")
+        return out
+
+    # Stock uvloop does not check (it would call coro_fn and drop the
+    # coroutine); both dartloop backends check, as stock asyncio does.
+    kinds = ("asyncio", *DART_KINDS)
+    assert assert_all_equal(run_everywhere(main, kinds, debug=True)) == ["call_soon: TypeError", "call_later: TypeError"]
+
+
+def test_loop_attributes() -> None:
+    for kind in DART_KINDS:
+        loop = LOOP_KINDS[kind]()
+        try:
+            assert isinstance(loop, dartloop.DartEventLoop)
+            assert isinstance(loop, asyncio.AbstractEventLoop)
+            assert loop.backend == kind.removeprefix("dartloop-")
+            assert loop.strict is False
+            assert not loop.is_running() and not loop.is_closed()
+        finally:
+            loop.close()
+        assert loop.is_closed()
+        with pytest.raises(RuntimeError, match="closed"):
+            loop.call_soon(print)
+    for kind in ("asyncio", "uvloop"):
+        if kind in LOOP_KINDS:
+            stock = LOOP_KINDS[kind]()
+            assert not isinstance(stock, dartloop.DartEventLoop)
+            stock.close()
+
+
+def test_loop_methods_match_stock_on_errors() -> None:
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        out = []
+        with pytest.raises(RuntimeError):
+            loop.run_until_complete(loop.create_future())
+        with pytest.raises(RuntimeError):
+            loop.run_forever()
+        with pytest.raises(RuntimeError):
+            loop.close()
+        out.append("ok")
+        return out
+
+    assert assert_all_equal(run_everywhere(main)) == ["ok"]
+
+
+def test_exception_in_callback_reaches_handler_everywhere() -> None:
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        loop.call_soon(lambda: 1 / 0)
+        loop.call_later(0.001, lambda: {}["k"])
+        loop.call_later(0.005, done.set_result, None)
+        await done
+        return []
+
+    for kind, factory in LOOP_KINDS.items():
+        _, contexts = run_on(factory, main, expect_errors=True)
+        assert [type(c["exception"]) for c in contexts] == [ZeroDivisionError, KeyError], kind
+        assert all(c["message"].startswith("Exception in callback") for c in contexts), kind

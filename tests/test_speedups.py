@@ -1,0 +1,800 @@
+"""The C accelerator (``dartloop._speedups``) behaves exactly like the pure path.
+
+Every scenario runs on both backends, in both modes, once on loops built on
+the pure-Python reference code (``dartloop._loop.SPEEDUPS = None`` while the
+loop is created, and the pure ``schedule_microtask``) and once on the
+accelerated classes, and must give the same, expected, trace. The ``c``
+cases are skipped when the extension is not built, unless
+``DARTLOOP_REQUIRE_EXTENSIONS=1``; with ``DARTLOOP_NO_EXTENSIONS=1`` only the
+pure path exists.
+
+Plain pytest: each test builds its loops and drives them with
+``run_until_complete``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import gc
+import hashlib
+import inspect
+import os
+import sys
+import textwrap
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import dartloop
+from dartloop import _loop, _microtasks
+
+BACKENDS = dartloop.available_backends()
+PATHS = ("pure", "c")
+REQUIRE = os.environ.get("DARTLOOP_REQUIRE_EXTENSIONS") == "1"
+
+
+class Kit:
+    """A loop built on one path, its schedule_microtask, and what it reported."""
+
+    def __init__(self, loop: dartloop.DartEventLoop, schedule: Callable[..., None]) -> None:
+        self.loop = loop
+        self.schedule = schedule
+        self.errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: self.errors.append(context))
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+
+def _require_c() -> None:
+    if _loop.SPEEDUPS is None:
+        if REQUIRE:
+            pytest.fail("DARTLOOP_REQUIRE_EXTENSIONS=1 but dartloop._speedups is not available")
+        pytest.skip("dartloop._speedups is not built (or DARTLOOP_NO_EXTENSIONS=1)")
+
+
+def make_loop(backend: str, path: str, strict: bool = False) -> tuple[dartloop.DartEventLoop, Callable[..., None]]:
+    """A new loop on ``path`` ("pure" or "c") and the matching schedule_microtask."""
+    if path == "c":
+        _require_c()
+        loop = dartloop.new_event_loop(backend=backend, strict=strict)
+        assert isinstance(loop, tuple(_loop._ACCELERATED.values()))
+        return loop, _loop.SPEEDUPS.schedule_microtask
+    saved = _loop.SPEEDUPS
+    _loop.SPEEDUPS = None
+    try:
+        loop = dartloop.new_event_loop(backend=backend, strict=strict)
+    finally:
+        _loop.SPEEDUPS = saved
+    assert not any(isinstance(loop, cls) for cls in _loop._ACCELERATED.values())
+    return loop, _microtasks._schedule_microtask_py
+
+
+@pytest.fixture(params=[(b, p, s) for b in BACKENDS for s in (False, True) for p in PATHS],
+                ids=lambda v: f"{v[0]}-{v[1]}{'-strict' if v[2] else ''}")
+def kit(request: pytest.FixtureRequest) -> Iterator[Kit]:
+    backend, path, strict = request.param
+    loop, schedule = make_loop(backend, path, strict)
+    k = Kit(loop, schedule)
+    try:
+        yield k
+    finally:
+        loop.close()
+
+
+def _ids(v: tuple[str, str]) -> str:
+    return f"{v[0]}-{v[1]}"
+
+
+@pytest.fixture(params=[(b, p) for b in BACKENDS for p in PATHS], ids=_ids)
+def plain_kit(request: pytest.FixtureRequest) -> Iterator[Kit]:
+    backend, path = request.param
+    loop, schedule = make_loop(backend, path)
+    k = Kit(loop, schedule)
+    try:
+        yield k
+    finally:
+        loop.close()
+
+
+async def _settle(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+# ---------------------------------------------------------------------------
+# Ordering
+# ---------------------------------------------------------------------------
+
+
+def test_every_event_is_followed_by_a_full_drain(kit: Kit) -> None:
+    out: list[str] = []
+    sched = kit.schedule
+    loop = kit.loop
+
+    def event(tag: str) -> None:
+        out.append(tag)
+        sched(out.append, f"{tag}.m1")
+        sched(nested, tag)
+        sched(out.append, f"{tag}.m2")
+
+    def nested(tag: str) -> None:
+        out.append(f"{tag}.n")
+        sched(out.append, f"{tag}.n.m")  # joins the same drain, after m2
+
+    async def main() -> None:
+        loop.call_soon(event, "a")
+        loop.call_soon(event, "b")
+        await _settle()
+
+    kit.run(main())
+    assert out == [
+        "a", "a.m1", "a.n", "a.m2", "a.n.m",
+        "b", "b.m1", "b.n", "b.m2", "b.n.m",
+    ]  # fmt: skip
+    assert not kit.errors
+
+
+def test_timers_call_later_and_dart_timers(kit: Kit) -> None:
+    out: list[str] = []
+    sched = kit.schedule
+    loop = kit.loop
+
+    def event(tag: str) -> None:
+        out.append(tag)
+        sched(out.append, f"{tag}.m")
+
+    async def main() -> None:
+        # Deadlines 10 ms apart: libuv's timers have millisecond resolution.
+        loop.call_later(0.03, event, "later2")
+        loop.call_later(0.01, event, "later1")
+        loop.call_at(loop.time() + 0.04, event, "at")
+        dartloop.Timer(0.02, lambda: event("timer"))
+        dartloop.Timer.run(lambda: event("run"))
+        loop.call_soon(event, "soon")
+        cancelled = loop.call_later(0.005, event, "cancelled")
+        cancelled.cancel()
+        await asyncio.sleep(0.1)
+
+    kit.run(main())
+    assert out == [
+        "run", "run.m", "soon", "soon.m", "later1", "later1.m", "timer", "timer.m",
+        "later2", "later2.m", "at", "at.m",
+    ]  # fmt: skip
+    if kit.loop.backend == "uvloop":
+        assert not {h for h in kit.loop._dart_timer_handles if not h.cancelled()}  # type: ignore[attr-defined]
+
+
+def test_long_microtask_chain_is_fifo(kit: Kit) -> None:
+    seen: list[int] = []
+    sched = kit.schedule
+
+    def step(i: int) -> None:
+        seen.append(i)
+        if i < 2000:
+            sched(step, i + 2)  # two interleaved chains
+
+    async def main() -> None:
+        sched(step, 1)
+        sched(step, 2)
+        await _settle()
+
+    kit.run(main())
+    assert seen == list(range(1, 2002))
+
+
+def test_futures_and_tasks_order(kit: Kit) -> None:
+    out: list[str] = []
+    loop = kit.loop
+
+    async def child(fut: asyncio.Future[str]) -> None:
+        out.append("child waits")
+        out.append(await fut)
+        kit.schedule(out.append, "child.m")
+
+    async def main() -> None:
+        fut = loop.create_future()
+        task = loop.create_task(child(fut))
+        await asyncio.sleep(0)
+        loop.call_soon(out.append, "event")
+        c = dartloop.Completer()
+        c.future.add_done_callback(lambda f: out.append(f"completer {f.result()}"))
+        c.complete("done")
+        fut.set_result("woken")
+        await task
+        await _settle()
+
+    kit.run(main())
+    if kit.loop.strict:
+        # Done callbacks are microtasks: everything happens in main's drain.
+        expected = ["child waits", "woken", "completer done", "child.m", "event"]
+    else:
+        # The completer's future completes in main's drain; its callback and
+        # the task wake-up are events, queued after "event".
+        expected = ["child waits", "event", "woken", "child.m", "completer done"]
+    assert out == expected
+
+
+def test_debug_mode(plain_kit: Kit) -> None:
+    # In debug mode the accelerated uvloop class hands call_soon/call_later
+    # to the Python methods (which check callbacks and name handles).
+    out: list[str] = []
+    sched = plain_kit.schedule
+    loop = plain_kit.loop
+    loop.set_debug(True)
+    loop.slow_callback_duration = 10.0
+
+    def event(tag: str) -> None:
+        out.append(tag)
+        sched(out.append, f"{tag}.m")
+
+    async def main() -> None:
+        loop.call_soon(event, "a")
+        loop.call_soon_threadsafe(event, "b")
+        await _settle()
+        loop.call_later(0.001, event, "t")
+        await asyncio.sleep(0.02)
+
+    plain_kit.run(main())
+    assert out == ["a", "a.m", "b", "b.m", "t", "t.m"]
+    line = sys._getframe().f_lineno + 1
+    handle = loop.call_soon(event, "x")
+    # Named after the user's callback, created at the caller's line.
+    assert "test_debug_mode.<locals>.event" in repr(handle)
+    assert f"created at {__file__}:{line}" in repr(handle)
+    handle.cancel()
+    assert not plain_kit.errors
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+def test_exceptions_are_reported_and_the_drain_carries_on(kit: Kit) -> None:
+    out: list[str] = []
+    sched = kit.schedule
+    loop = kit.loop
+    boom = ValueError("boom")
+    bang = KeyError("bang")
+
+    def bad_microtask(x: int) -> None:
+        raise boom
+
+    def bad_event() -> None:
+        sched(out.append, "after-raise.m")
+        raise bang
+
+    def event() -> None:
+        sched(out.append, "m1")
+        sched(bad_microtask, 1)
+        sched(out.append, "m2")
+
+    async def main() -> None:
+        loop.call_soon(event)
+        loop.call_soon(bad_event)
+        loop.call_soon(out.append, "next")
+        await _settle()
+
+    kit.run(main())
+    assert out == ["m1", "m2", "after-raise.m", "next"]
+    assert [c["exception"] for c in kit.errors] == [boom, bang]
+    assert kit.errors[0]["message"].startswith("Exception in microtask ")
+    assert "bad_microtask(" in kit.errors[0]["message"]  # 3.13 leaves out the arguments
+    assert set(kit.errors[0]) == {"message", "exception"}
+    assert kit.errors[1]["message"].startswith("Exception in callback ")
+    assert "bad_event()" in kit.errors[1]["message"]
+    tb = boom.__traceback__
+    assert tb is not None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    assert tb.tb_frame.f_code is bad_microtask.__code__
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_base_exceptions_propagate_and_leave_the_rest_queued(plain_kit: Kit, exc_type: type[BaseException]) -> None:
+    out: list[str] = []
+    sched = plain_kit.schedule
+    loop = plain_kit.loop
+
+    def stop() -> None:
+        raise exc_type("stop")
+
+    def event() -> None:
+        sched(out.append, "m1")
+        sched(stop)
+        sched(out.append, "m3")
+
+    async def main() -> None:
+        loop.call_soon(event)
+        await _settle()
+
+    with pytest.raises(exc_type):
+        plain_kit.run(main())
+    # The drain stopped at the exception. What was left is still queued
+    # (asyncio backend) or ran after a later event (uvloop finishes its
+    # batch of ready callbacks before it stops).
+    assert out + list(loop._microtasks) in (["m1", "m3"], ["m1", (out.append, ("m3",))])
+    if loop.backend == "asyncio":
+        assert len(loop._microtasks) == 1
+    loop._microtasks.clear()
+    assert not plain_kit.errors
+
+
+@pytest.mark.parametrize("where", ["event", "microtask"])
+def test_an_exception_raised_while_reporting_propagates(plain_kit: Kit, where: str) -> None:
+    # A spawned isolate's _report_uncaught raises _IsolateUnwind (a SystemExit).
+    loop = plain_kit.loop
+    sched = plain_kit.schedule
+    seen: list[tuple[type[BaseException], BaseException | None]] = []
+
+    class Unwind(SystemExit):
+        pass
+
+    def report(exc: BaseException, context: dict[str, Any]) -> None:
+        seen.append((type(exc), sys.exc_info()[1]))
+        raise Unwind
+
+    loop._report_uncaught = report  # type: ignore[method-assign]
+
+    def bad() -> None:
+        raise ValueError("bad")
+
+    async def main() -> None:
+        if where == "event":
+            loop.call_soon(bad)
+        else:
+            loop.call_soon(sched, bad)
+        await _settle()
+
+    with pytest.raises(Unwind) as info:
+        plain_kit.run(main())
+    assert [t for t, _ in seen] == [ValueError]
+    handled = seen[0][1]
+    assert isinstance(handled, ValueError)  # reported while "handling" it
+    assert info.value.__context__ is handled
+
+
+def test_non_tuple_args_and_bad_queue_entries(plain_kit: Kit) -> None:
+    loop = plain_kit.loop
+    out: list[Any] = []
+
+    def event() -> None:
+        loop._mt_append((lambda *a: out.append(a), [1, 2]))  # any iterable works as args
+        loop._mt_append((lambda *a: 1 / 0, [1, 2]))
+
+    async def main() -> None:
+        loop.call_soon(event)
+        await _settle()
+
+    plain_kit.run(main())
+    assert out == [(1, 2)]
+    assert [type(c["exception"]) for c in plain_kit.errors] == [ZeroDivisionError]
+
+    def broken() -> None:
+        loop._mt_append(("not a pair",))
+
+    async def main2() -> None:
+        loop.call_soon(broken)
+        await _settle()
+
+    # The drain unpacks an entry outside its try: the error leaves the drain.
+    # uvloop then reports it as the event's error; the asyncio backend's
+    # turn lets it out of run_until_complete.
+    plain_kit.errors.clear()
+    if loop.backend == "asyncio":
+        with pytest.raises(ValueError, match="not enough values to unpack"):
+            plain_kit.run(main2())
+        assert not plain_kit.errors
+    else:
+        plain_kit.run(main2())
+        assert [type(c["exception"]) for c in plain_kit.errors] == [ValueError]
+        assert plain_kit.errors[0]["message"].startswith("Exception in callback")
+
+
+# ---------------------------------------------------------------------------
+# Contexts
+# ---------------------------------------------------------------------------
+
+VAR: contextvars.ContextVar[str] = contextvars.ContextVar("VAR", default="unset")
+
+
+def test_contexts(plain_kit: Kit) -> None:
+    loop = plain_kit.loop
+    sched = plain_kit.schedule
+    out: list[str] = []
+
+    def event(tag: str) -> None:
+        out.append(f"{tag}:{VAR.get()}")
+        VAR.set(f"set-by-{tag}")
+        sched(lambda: out.append(f"{tag}.m:{VAR.get()}"))
+
+    ctx = contextvars.Context()
+    ctx.run(VAR.set, "ctx")
+
+    async def main() -> None:
+        loop.call_soon(event, "own", context=ctx)
+        loop.call_soon(event, "copied")
+        await _settle()
+        loop.call_later(0.001, event, "timer", context=ctx)
+        await asyncio.sleep(0.01)
+
+    VAR.set("outside")
+    plain_kit.run(main())
+    # Microtasks run in the loop's context, not in the event's.
+    microtask_ctx = "unset" if loop.backend == "uvloop" else "outside"
+    assert out == [
+        "own:ctx", f"own.m:{microtask_ctx}",
+        "copied:outside", f"copied.m:{microtask_ctx}",
+        "timer:set-by-own", f"timer.m:{microtask_ctx}",
+    ]  # fmt: skip
+    assert ctx[VAR] == "set-by-timer"
+
+
+def test_a_context_that_is_already_entered_fails_the_event(plain_kit: Kit) -> None:
+    loop = plain_kit.loop
+    out: list[str] = []
+    ctx = contextvars.Context()
+
+    async def main() -> None:
+        loop.call_soon(out.append, "never", context=ctx)  # ctx is entered: it runs the loop
+        loop.call_soon(plain_kit.schedule, out.append, "m")
+        await _settle()
+
+    ctx.run(plain_kit.run, main())
+    assert out == ["m"]
+    if loop.backend == "asyncio" and sys.version_info >= (3, 12):
+        # 3.12+ runs the exception handler in the handle's context, which
+        # fails the same way: asyncio logs it and the handler never sees it.
+        return
+    assert [type(c["exception"]) for c in plain_kit.errors] == [RuntimeError]
+    assert "already entered" in str(plain_kit.errors[0]["exception"])
+
+
+# ---------------------------------------------------------------------------
+# The uvloop backend's methods
+# ---------------------------------------------------------------------------
+
+needs_uvloop = pytest.mark.skipif("uvloop" not in BACKENDS, reason="uvloop is not installed")
+
+
+@needs_uvloop
+@pytest.mark.parametrize("path", PATHS)
+def test_uvloop_methods_check_like_the_pure_ones(path: str) -> None:
+    loop, _ = make_loop("uvloop", path)
+    try:
+        with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+            loop.call_soon(print, bogus=1)  # type: ignore[call-arg]
+        with pytest.raises(TypeError):
+            loop.call_soon()  # type: ignore[call-arg]
+        with pytest.raises(TypeError):
+            loop.call_later(1.0)  # type: ignore[call-arg]
+        h = loop.call_later(10.0, print)
+        assert h in loop._dart_timer_handles  # type: ignore[attr-defined]
+        h.cancel()
+        handle = loop.call_soon(print, 1, 2)
+        assert type(handle).__name__ == "Handle"
+        handle.cancel()
+        loop.set_debug(True)
+        with pytest.raises(TypeError, match="coroutines cannot be used with call_soon"):
+            loop.call_soon(_settle)
+        with pytest.raises(TypeError, match="a callable object was expected by call_later"):
+            loop.call_later(1.0, 42)  # type: ignore[arg-type]
+        loop.set_debug(False)
+        loop.run_until_complete(asyncio.sleep(0))
+        events = loop._dart_events  # type: ignore[attr-defined]
+        assert events >= 1
+        loop._dart_events = events + 10  # type: ignore[attr-defined]
+        assert loop._dart_events == events + 10  # type: ignore[attr-defined]
+        assert loop._dart_watch_idle is False  # type: ignore[attr-defined]
+    finally:
+        loop.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.call_soon(print)
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.call_later(1.0, print)
+
+
+@needs_uvloop
+@pytest.mark.parametrize("path", PATHS)
+def test_uvloop_call_soon_threadsafe(path: str) -> None:
+    loop, sched = make_loop("uvloop", path)
+    out: list[str] = []
+
+    async def main() -> None:
+        done = loop.create_future()
+
+        def from_thread() -> None:
+            for i in range(100):
+                loop.call_soon_threadsafe(out.append, str(i))
+            loop.call_soon_threadsafe(lambda: (sched(out.append, "m"), done.set_result(None)))
+
+        t = threading.Thread(target=from_thread)
+        t.start()
+        await done
+        await _settle()
+        t.join()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert out == [str(i) for i in range(100)] + ["m"]
+
+
+@needs_uvloop
+@pytest.mark.parametrize("path", PATHS)
+def test_uvloop_post_event_hooks(path: str) -> None:
+    # After the drain the uvloop runner serves the isolate's control queue
+    # and, for a watched isolate, checks for idleness.
+    loop, sched = make_loop("uvloop", path)
+    calls: list[str] = []
+
+    class FakeIsolate:
+        spawned = False
+
+        def serve_control(self) -> None:
+            calls.append("control")
+            loop._dart_oob.clear()  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        real = loop._isolate
+        loop._isolate = FakeIsolate()  # type: ignore[assignment]
+        try:
+            loop._dart_oob.append("x")  # type: ignore[attr-defined]
+            loop.call_soon(lambda: sched(calls.append, "m"))
+            await asyncio.sleep(0)
+            loop._dart_check_idle = lambda: calls.append("idle")  # type: ignore[method-assign]
+            loop._dart_watch_idle = True  # type: ignore[attr-defined]
+            loop.call_soon(calls.append, "e")
+            await asyncio.sleep(0)
+        finally:
+            loop._dart_watch_idle = False  # type: ignore[attr-defined]
+            loop._dart_oob.clear()  # type: ignore[attr-defined]
+            loop._isolate = real
+            vars(loop).pop("_dart_check_idle", None)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    # main's first step queued the control action: it is served right after
+    # that step's event; its second step turned the idle watch on.
+    assert calls == ["control", "m", "idle", "e", "idle"]
+
+
+# ---------------------------------------------------------------------------
+# Protocol proxies (uvloop backend)
+# ---------------------------------------------------------------------------
+
+
+def _proxy_classes() -> list[Any]:
+    from dartloop import _protocols
+
+    def make(method: Any) -> type:
+        return type("Proxy", (_protocols._ProxyBase, asyncio.Protocol), {"__slots__": (), "data_received": method})
+
+    out = [pytest.param(make(_protocols._drained_py("data_received")), id="pure")]
+    if _loop.SPEEDUPS is not None:
+        out.append(pytest.param(make(_loop.SPEEDUPS.LoopMethod("drained", _protocols._drained_py("data_received"))), id="c"))
+    elif REQUIRE:
+        pytest.fail("DARTLOOP_REQUIRE_EXTENSIONS=1 but dartloop._speedups is not available")
+    return out
+
+
+@pytest.mark.parametrize("proxy_cls", _proxy_classes())
+def test_protocol_proxy_drains_after_each_callback(proxy_cls: type) -> None:
+    loop = dartloop.new_event_loop(backend="asyncio")
+    out: list[Any] = []
+    boom = ValueError("boom")
+
+    class Target(asyncio.Protocol):
+        def data_received(self, data: bytes) -> Any:
+            out.append(data)
+            loop._schedule_microtask(out.append, f"{data!r}.m")
+            if data == b"raise":
+                raise boom
+            return len(data)
+
+    proxy = proxy_cls(loop, Target())
+    try:
+        assert proxy.data_received(b"ab") == 2
+        assert out == [b"ab", "b'ab'.m"]
+        with pytest.raises(ValueError) as info:
+            proxy.data_received(b"raise")
+        assert info.value is boom
+        assert out[2:] == [b"raise", "b'raise'.m"]  # drained before the error left
+        with pytest.raises(TypeError):
+            proxy.data_received()  # the target's own error
+
+        class Unwind(SystemExit):
+            pass
+
+        def report(exc: BaseException, context: dict[str, Any]) -> None:
+            raise Unwind
+
+        loop._report_uncaught = report  # type: ignore[method-assign]
+        loop._schedule_microtask(lambda: 1 / 0)
+        with pytest.raises(Unwind) as info2:  # the drain's error replaces the target's
+            proxy.data_received(b"raise")
+        assert isinstance(info2.value.__context__, ZeroDivisionError)
+        assert info2.value.__context__.__context__ is boom
+    finally:
+        loop._microtasks.clear()
+        loop.close()
+
+
+@needs_uvloop
+def test_protocol_callbacks_drain_on_uvloop() -> None:
+    loop, sched = make_loop("uvloop", "c" if _loop.SPEEDUPS is not None else "pure")
+    out: list[str] = []
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            out.append(f"server {data!r}")
+            sched(out.append, "server.m")
+            self.transport.write(data)
+
+    class Client(asyncio.Protocol):
+        def __init__(self, done: asyncio.Future[None]) -> None:
+            self.done = done
+
+        def data_received(self, data: bytes) -> None:
+            out.append(f"client {data!r}")
+            sched(out.append, "client.m")
+            sched(self.done.set_result, None)
+
+    async def main() -> None:
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        done = loop.create_future()
+        transport, _ = await loop.create_connection(lambda: Client(done), "127.0.0.1", port)
+        transport.write(b"x")
+        await asyncio.wait_for(done, 30)
+        transport.close()
+        server.close()
+        await server.wait_closed()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert out == ["server b'x'", "server.m", "client b'x'", "client.m"]
+
+
+# ---------------------------------------------------------------------------
+# schedule_microtask
+# ---------------------------------------------------------------------------
+
+
+def _schedulers() -> list[Any]:
+    out = [pytest.param(_microtasks._schedule_microtask_py, id="pure")]
+    if _loop.SPEEDUPS is not None:
+        out.append(pytest.param(_loop.SPEEDUPS.schedule_microtask, id="c"))
+    return out
+
+
+@pytest.mark.parametrize("schedule", _schedulers())
+def test_schedule_microtask_errors(schedule: Callable[..., None]) -> None:
+    with pytest.raises(RuntimeError, match="there is no running event loop") as info:
+        schedule(print)
+    assert info.value.__suppress_context__ and info.value.__cause__ is None
+
+    async def on_stock() -> None:
+        schedule(print)
+
+    stock = asyncio.new_event_loop()
+    try:
+        with pytest.raises(RuntimeError, match="not a dartloop loop"):
+            stock.run_until_complete(on_stock())
+    finally:
+        stock.close()
+
+    loop = dartloop.new_event_loop(backend="asyncio")
+
+    async def bad_args() -> None:
+        with pytest.raises(TypeError, match="needs a callable, got int 42"):
+            schedule(42)
+        with pytest.raises(TypeError):
+            schedule(print, end="")  # type: ignore[call-arg]
+
+    try:
+        loop.run_until_complete(bad_args())
+    finally:
+        loop.close()
+
+
+def test_public_schedule_microtask_is_the_selected_one() -> None:
+    expected = _microtasks._schedule_microtask_py if _loop.SPEEDUPS is None else _loop.SPEEDUPS.schedule_microtask
+    assert dartloop.schedule_microtask is expected
+
+
+# ---------------------------------------------------------------------------
+# Housekeeping
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
+def test_loops_are_collected(backend: str, path: str) -> None:
+    loop, _ = make_loop(backend, path)
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.call_later(5, print)
+    loop.close()
+    ref = weakref.ref(loop)
+    del loop
+    for _ in range(3):
+        gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
+def test_instance_dict_stays_small(backend: str, path: str) -> None:
+    # Past 30 keys CPython stops sharing an instance dict's keys and attribute
+    # access in asyncio's Python code slows down (see _AsyncioDartLoop.__slots__).
+    loop, _ = make_loop(backend, path)
+    try:
+        loop.run_until_complete(asyncio.sleep(0))
+        assert len(vars(loop)) <= 30, sorted(vars(loop))
+    finally:
+        loop.close()
+
+
+def test_accelerator_selection() -> None:
+    if os.environ.get("DARTLOOP_NO_EXTENSIONS") == "1":
+        assert _loop.SPEEDUPS is None
+    elif REQUIRE:
+        assert _loop.SPEEDUPS is not None
+
+
+def _source_hash(func: Callable[..., Any]) -> str:
+    src = textwrap.dedent(inspect.getsource(func))
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+# The Python methods that dartloop/_speedups.c mirrors. When one of them
+# changes, change its C counterpart to match, then update the hash here.
+MIRRORED = {
+    "DartEventLoop._run_pending_immediate_callback": "b257e6708a009aa6",
+    "schedule_microtask": "303a44b42e9756d6",
+    "_UVDartLoop._run_event": "75c2bd4f0006d3d3",
+    "_UVDartLoop._run_timer_event": "fd53aafe694e0eeb",
+    "_UVDartLoop.call_soon": "ba7142835d333406",
+    "_UVDartLoop.call_soon_threadsafe": "df13abcf335f8690",
+    "_UVDartLoop.call_later": "5a09e0988eefd801",
+    "_protocols._drained": "ae63bbf359714992",
+}
+
+
+def _mirrored_functions() -> dict[str, Callable[..., Any]]:
+    from dartloop import _protocols
+
+    out: dict[str, Callable[..., Any]] = {
+        "DartEventLoop._run_pending_immediate_callback": _loop.DartEventLoop._run_pending_immediate_callback,
+        "schedule_microtask": _microtasks._schedule_microtask_py,
+        "_protocols._drained": _protocols._drained_py,
+    }
+    if _loop._UVDartLoop is not None:
+        for name in ("_run_event", "_run_timer_event", "call_soon", "call_soon_threadsafe", "call_later"):
+            out[f"_UVDartLoop.{name}"] = getattr(_loop._UVDartLoop, name)
+    return out
+
+
+def test_c_mirrors_are_in_step_with_the_python_reference() -> None:
+    changed = {
+        name: _source_hash(func)
+        for name, func in _mirrored_functions().items()
+        if _source_hash(func) != MIRRORED[name]
+    }
+    assert not changed, (
+        "these pure-Python methods changed; update their C versions in dartloop/_speedups.c "
+        f"to match, then the hashes in MIRRORED: {changed}"
+    )
