@@ -112,8 +112,8 @@ class _IsolateState:
         self.terminate_capability = Capability()
         self.lock = threading.Lock()
         self._control_core: _PortCore | None = None
-        self.ready = threading.Event()
-        self.spawn_error: BaseException | None = None
+        # Set (under lock) once kill(IMMEDIATE) may have raised into the thread.
+        self.interrupted = False
         self.entry: tuple[Callable[[Any], Any], Any] | None = None
 
     # -- setup ------------------------------------------------------------
@@ -198,12 +198,16 @@ class _IsolateState:
         loop = self.loop
         microtasks = loop._microtasks
         oob = self.oob
+        # Whether messages must wait (paused, or events held by a pause still
+        # to run) changes only when control actions are served: looked at
+        # first and after each serve_control, not for every message.
+        waiting = self.resume_caps or self.held
         for _ in range(len(inbox)):
             if oob:
                 self.serve_control()
-            if self.resume_caps or self.held:
-                # Paused, or events held by a pause still waiting to run:
-                # the rest of the inbox waits behind them, in order.
+                waiting = self.resume_caps or self.held
+            if waiting:
+                # The rest of the inbox waits behind the held events, in order.
                 while inbox:
                     self.hold(functools.partial(self._dispatch, *popleft()))
                 return
@@ -356,6 +360,7 @@ class _IsolateState:
                 return
             ident = self.thread.ident
             if ident is not None:
+                self.interrupted = True
                 _set_async_exc(ident, _IsolateKilled)
 
     def serve_control(self) -> None:
@@ -472,31 +477,42 @@ class _IsolateState:
 
     # -- the spawned isolate's thread ---------------------------------------
 
-    def thread_main(self, backend: str, strict: bool) -> None:
-        loop: DartEventLoop | None = None
+    def prepare(self, backend: str, strict: bool) -> None:
+        """Make the isolate's loop and queue its entry. Spawner's thread, before
+        the isolate's thread starts (which then has only to run the loop, so
+        the spawner need not wait for it)."""
+        loop = new_event_loop(backend=backend, strict=strict)
+        self.bind_loop(loop)
+        self.thread_id = None  # set by thread_main, in the isolate's own thread
+        if self.resume_caps:
+            # spawn(paused=True): the entry is the first ordinary event,
+            # held until the pause capability is resumed.
+            self.hold(self._run_entry)
+        else:
+            loop.call_soon(self._run_entry)
+
+    def abandon(self) -> None:
+        """The thread could not be started: undo :meth:`prepare`."""
+        self._mark_dead()
+        self.loop.close()
+
+    def thread_main(self) -> None:
+        loop = self.loop
+        self.thread_id = threading.get_ident()
         try:
-            try:
-                loop = new_event_loop(backend=backend, strict=strict)
-                self.bind_loop(loop)
-                if self.resume_caps:
-                    # spawn(paused=True): the entry is the first ordinary
-                    # event, held until the pause capability is resumed.
-                    self.hold(self._run_entry)
-                else:
-                    loop.call_soon(self._run_entry)
-            except BaseException as exc:  # pragma: no cover - resource exhaustion
-                self.spawn_error = exc
-                return
-            finally:
-                self.ready.set()
             self.in_event = True
             try:
                 loop.run_forever()
             except _IsolateUnwind:
                 pass  # Isolate.exit, kill, or a fatal uncaught error
         finally:
-            if loop is not None:
-                self._finish(loop)
+            while True:
+                try:
+                    self._disarm()
+                    break
+                except _IsolateKilled:
+                    continue  # a kill(IMMEDIATE) that landed just now
+            self._finish(loop)
 
     def _disarm(self) -> None:
         """Make sure no kill(IMMEDIATE) exception can land during the cleanup."""
@@ -504,8 +520,8 @@ class _IsolateState:
             try:
                 with self.lock:
                     self.in_event = False
-                    ident = threading.get_ident()
-                    _clear_async_exc(ident, None)
+                    if self.interrupted:
+                        _clear_async_exc(threading.get_ident(), None)
                 return
             except _IsolateKilled:
                 continue
@@ -528,8 +544,9 @@ class _IsolateState:
             self.loop._report_uncaught(exc, {"message": "Exception in isolate entry point", "exception": exc})
 
     def _finish(self, loop: DartEventLoop) -> None:
-        """End the isolate: close ports, cancel tasks, close the loop, tell listeners."""
-        self._disarm()
+        """End the isolate: close ports, cancel tasks, close the loop, tell listeners.
+
+        Called by thread_main after _disarm."""
         self._mark_dead()
         # Nothing of the isolate's own queues runs any more: its ports are
         # closed (queued messages are dropped), its Dart timers cancelled, its
@@ -924,20 +941,19 @@ async def _spawn(
     if on_error is not None:
         child.error_listeners[on_error] = None
     loop = parent.loop
-    thread = threading.Thread(
-        target=child.thread_main,
-        args=(loop.backend, loop.strict),
-        name=f"dartloop-isolate-{debug_name}",
-        daemon=True,
-    )
+    try:
+        child.prepare(loop.backend, loop.strict)
+    except Exception as exc:  # pragma: no cover - resource exhaustion
+        raise IsolateSpawnException(f"Unable to spawn isolate: {exc!r}") from exc
+    thread = threading.Thread(target=child.thread_main, name=f"dartloop-isolate-{debug_name}", daemon=True)
     child.thread = thread
     parent.children.add(child)
-    thread.start()
-    # The child only creates its loop and queues the entry before it signals:
-    # tens of microseconds, cheaper to wait for than a loop round trip.
-    child.ready.wait()
-    if child.spawn_error is not None:
-        raise IsolateSpawnException(f"Unable to spawn isolate: {child.spawn_error!r}") from child.spawn_error
+    try:
+        thread.start()
+    except Exception as exc:  # pragma: no cover - resource exhaustion
+        parent.children.discard(child)
+        child.abandon()
+        raise IsolateSpawnException(f"Unable to spawn isolate: {exc!r}") from exc
     return Isolate._of(child)
 
 

