@@ -167,7 +167,7 @@ class _IsolateState:
             self.inbox_scheduled = True
             try:
                 self.loop.call_soon_threadsafe(self._drain_inbox)
-            except RuntimeError:
+            except (RuntimeError, AttributeError):  # closed, or None once closed
                 pass  # the loop closed meanwhile: the isolate is gone, drop
 
     def _deliver(self, core: _PortCore, message: Any) -> None:
@@ -346,7 +346,7 @@ class _IsolateState:
             return  # the loop serves it after the current event
         try:
             self.loop.call_soon_threadsafe(self.serve_control)
-        except RuntimeError:
+        except (RuntimeError, AttributeError):  # the loop closed (or was dropped) meanwhile
             pass
         if action[0] == _KILL and action[2] == IMMEDIATE:
             self._interrupt()
@@ -425,8 +425,11 @@ class _IsolateState:
             loop = self.loop
             self._mark_dead()
             _drop_dart_work(loop)
-            for task in asyncio.all_tasks(loop):
-                task.cancel()
+            if loop.backend == "uvloop":
+                # Only uvloop steps tasks on the way out; the asyncio backend
+                # leaves run_forever at once and _finish cancels them.
+                for task in asyncio.all_tasks(loop):
+                    task.cancel()
         raise kind(reason) from cause
 
     def idle(self) -> None:
@@ -782,7 +785,8 @@ class Isolate(metaclass=_IsolateMeta):
 
         port = RawReceivePort(on_response, debug_name="Isolate.run")
         try:
-            child = await _spawn(parent, _remote_run, (port.send_port, computation, args, kwargs),
+            request = (port.send_port, computation, args, kwargs) if kwargs else (port.send_port, computation, args)
+            child = await _spawn(parent, _remote_run, request,
                                  paused=False, errors_are_fatal=True, on_exit=port.send_port,
                                  on_error=port.send_port,
                                  debug_name=debug_name or getattr(computation, "__qualname__", None))
@@ -968,10 +972,11 @@ async def _join(state: _IsolateState) -> None:
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
 
 
-def _remote_run(message: tuple[SendPort, Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> Any:
-    port, computation, args, kwargs = message
+def _remote_run(message: tuple[Any, ...]) -> Any:
+    # (port, computation, args[, kwargs]): kwargs only when there are some.
+    port, computation, args = message[:3]
     try:
-        result = computation(*args, **kwargs)
+        result = computation(*args, **message[3]) if len(message) > 3 else computation(*args)
     except BaseException as exc:
         if isinstance(exc, _IsolateUnwind):
             raise

@@ -238,6 +238,24 @@ class DartEventLoop(asyncio.AbstractEventLoop):
         """True while something queued in dartloop's own structures can run."""
         return bool(self._microtasks) or self._keepalive > 0 or self._executor_jobs > 0
 
+    def _dart_native_fd(self) -> int:
+        """The fd of the isolate's native-queue reader, or -1.
+
+        Not I/O for the liveness rule: the ports C can reach (``native_port``,
+        ``NativeCallable.listener``) count through ``_keepalive``
+        (``keep_isolate_alive``) like any port, and what C has queued already
+        counts as pending work (:meth:`_dart_native_pending`).
+        """
+        iso = self._isolate
+        queue = iso.native_queue if iso is not None else None
+        return queue.fileno() if queue is not None else -1
+
+    def _dart_native_pending(self) -> bool:
+        """Posts or listener calls from C queued but not yet delivered."""
+        iso = self._isolate
+        queue = iso.native_queue if iso is not None else None
+        return queue is not None and queue.pending() > 0
+
 
 class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignore[misc]
     """The ``"asyncio"`` backend: stdlib selector loop with an owned turn."""
@@ -336,8 +354,13 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
         for transport in self._dart_transports:
             if not transport.is_closing():
                 return False
-        # The self-pipe is always registered; anything else is user I/O.
-        return len(self._selector.get_map()) <= 1
+        # The self-pipe is always registered and the native queue's reader
+        # does not count (see _dart_native_fd); anything else is user I/O.
+        fds = self._selector.get_map()
+        native_fd = self._dart_native_fd()
+        if len(fds) > 1 + (native_fd >= 0 and native_fd in fds):
+            return False
+        return not self._dart_native_pending()
 
     def _run_once(self) -> None:
         """One iteration: poll, then run each ready event followed by a drain.
@@ -804,7 +827,11 @@ if _uvloop is not None:
         def _dart_sources_alive(self) -> bool:
             if self._dart_has_pending_work():
                 return True
-            if self._dart_readers or self._dart_writers or self._dart_signals:
+            readers = self._dart_readers
+            # The native queue's reader does not count (see _dart_native_fd).
+            if readers and (len(readers) > 1 or self._dart_native_fd() not in readers):
+                return True
+            if self._dart_writers or self._dart_signals:
                 return True
             live = {h for h in self._dart_timer_handles if not h.cancelled()}
             self._dart_timer_handles = live
@@ -816,7 +843,7 @@ if _uvloop is not None:
             for server in self._dart_servers:
                 if server.is_serving():
                     return True
-            return False
+            return self._dart_native_pending()
 
         def _dart_check_idle(self) -> None:
             """Called after events of a spawned isolate: probe when quiet."""
@@ -898,6 +925,13 @@ if SPEEDUPS is not None:
                 super().__init__(strict=strict)
                 runner.bind()
                 self._dart_run_event = runner
+
+            def _dart_release_refs(self) -> None:
+                # Like the pure class's: a closed loop must not be kept alive
+                # by its runner (a closed uvloop refuses new callbacks first).
+                super()._dart_release_refs()
+                self._dart_run_event = _closed_loop_runner
+                self._dart_runner.release()
 
             _dart_events = _runner_field("events")
             _dart_debug = _runner_field("debug")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import secrets
+import random
 import threading
 from _thread import get_ident as _get_ident
 from collections.abc import AsyncIterator, Callable
@@ -41,10 +41,17 @@ _registry: dict[int, _PortCore] = {}
 _registry_lock = threading.Lock()
 
 
+# Port numbers and capability ids: random, so that a stale number is very
+# unlikely to name a newer port. A seeded (from os.urandom) Mersenne Twister,
+# not secrets: ten times cheaper (one urandom syscall per id otherwise), and a
+# Python capability can't be made unforgeable by its id anyway.
+_randbits = random.Random().getrandbits
+
+
 def _new_port_id() -> int:
     with _registry_lock:
         while True:
-            pid = secrets.randbits(62) | 1
+            pid = _randbits(62) | 1
             if pid not in _registry:
                 return pid
 
@@ -60,7 +67,7 @@ class Capability:
     __dartloop_shareable__ = True
 
     def __init__(self) -> None:
-        self._id = secrets.randbits(53)
+        self._id = _randbits(53)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Capability) and other._id == self._id
@@ -171,7 +178,7 @@ class SendPort:
             iso.inbox_scheduled = True
             try:
                 iso.loop.call_soon_threadsafe(iso._drain_inbox)
-            except RuntimeError:
+            except (RuntimeError, AttributeError):  # closed, or None once closed
                 pass  # the loop closed meanwhile: the isolate is gone, drop
 
     @property

@@ -404,7 +404,9 @@ runner_dealloc(EventRunner *self)
 }
 
 /* One event: `ctx.run(callback, *args)`, then the drain, then the isolate's
- * control queue and idle check.  args = (ctx, callback, *args). */
+ * control queue and idle check.  args = (ctx, callback, *args).  (The Python
+ * method deletes its locals before the drain so that a traceback can't keep
+ * the callback alive; there is no frame here to do that.) */
 static PyObject *
 run_event(EventRunner *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -564,6 +566,22 @@ runner_bind(EventRunner *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(runner_release_doc,
+"release()\n--\n\n"
+"Forget the loop (called when it closes, so that nothing here keeps a\n"
+"closed loop alive); the runner then refuses to run events.");
+
+static PyObject *
+runner_release(EventRunner *self, PyObject *unused)
+{
+    if (last_runner == self) {
+        last_runner = NULL;
+    }
+    self->bound = 0;
+    Py_CLEAR(self->loop);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 runner_repr(EventRunner *self)
 {
@@ -627,6 +645,7 @@ static PyGetSetDef runner_getset[] = {
 
 static PyMethodDef runner_methods[] = {
     {"bind", (PyCFunction)runner_bind, METH_NOARGS, runner_bind_doc},
+    {"release", (PyCFunction)runner_release, METH_NOARGS, runner_release_doc},
     {NULL},
 };
 
@@ -1236,7 +1255,9 @@ loop_mt_append(PyObject *loop)
 #else
         cached = PyWeakref_GET_OBJECT(last_mt_loop);
 #endif
-        if (cached == loop) {
+        /* A dead weakref gives None, and so does _get_running_loop()
+         * outside a loop: never take None for a match. */
+        if (cached == loop && loop != Py_None) {
             return Py_NewRef(last_mt_append);
         }
     }

@@ -26,6 +26,9 @@ if uvloop is not None:
 LOOP_KINDS["dartloop-asyncio"] = functools.partial(dartloop.new_event_loop, backend="asyncio")
 if "uvloop" in DART_BACKENDS:
     LOOP_KINDS["dartloop-uvloop"] = functools.partial(dartloop.new_event_loop, backend="uvloop")
+# Strict mode changes only when future callbacks run: drop-in behaviour holds too.
+for _backend in DART_BACKENDS:
+    LOOP_KINDS[f"dartloop-{_backend}-strict"] = functools.partial(dartloop.new_event_loop, backend=_backend, strict=True)
 
 STOCK_KINDS = tuple(k for k in LOOP_KINDS if not k.startswith("dartloop"))
 DART_KINDS = tuple(k for k in LOOP_KINDS if k.startswith("dartloop"))

@@ -567,8 +567,8 @@ def test_loop_attributes() -> None:
         try:
             assert isinstance(loop, dartloop.DartEventLoop)
             assert isinstance(loop, asyncio.AbstractEventLoop)
-            assert loop.backend == kind.removeprefix("dartloop-")
-            assert loop.strict is False
+            assert loop.backend == kind.removeprefix("dartloop-").removesuffix("-strict")
+            assert loop.strict is kind.endswith("-strict")
             assert not loop.is_running() and not loop.is_closed()
         finally:
             loop.close()

@@ -37,7 +37,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,10 @@ class Helpers:
             "ii_here": ([vp, ip], ip),
             "dd_here": ([vp, ctypes.c_double], ctypes.c_double),
             "dd_in_thread": ([vp, ctypes.c_double], ctypes.c_double),
+            "mixed_start": ([vp, vp, i64, vp, i64], vp),
+            "mixed_join": ([vp], None),
+            "interleave_start": ([vp, i64, vp, i64], vp),
+            "interleave_join": ([vp], None),
             "api_version": ([vp], ctypes.c_int32),
             "post_all_types": ([vp, i64], ctypes.c_int),
             "post_all_types_in_thread": ([vp, i64], ctypes.c_int),
@@ -241,12 +245,12 @@ def per_thread(calls: list[tuple[Any, ...]], n_threads: int) -> list[list[int]]:
 # Entry points of spawned isolates (module level: they are sent by reference)
 # --------------------------------------------------------------------------
 
-CLOSE, EXIT = -1, -2
+CLOSE = -1  # a listener call with t == CLOSE closes the listener
 
 
-def _listener_entry(message: tuple[Any, str, bool]) -> None:
+def _listener_entry(message: tuple[Any, bool]) -> None:
     """A listener whose calls are reported to the parent; t == CLOSE closes it."""
-    parent, _path, keep_alive = message
+    parent, keep_alive = message
 
     def callback(t: int, i: int) -> None:
         parent.send(("call", t, i))
@@ -435,7 +439,7 @@ async def test_listener_dropped_without_close_still_safe(helpers: Helpers) -> No
 async def test_listener_keeps_spawned_isolate_alive_until_closed(helpers: Helpers) -> None:
     exits = Inbox("exits")
     pong = Inbox("pong")
-    iso, inbox = await spawn(_listener_entry, (helpers.path, True), on_exit=exits.send_port)
+    iso, inbox = await spawn(_listener_entry, (True,), on_exit=exits.send_port)
     kind, address = await inbox.next()
     assert kind == "address"
     # The entry has returned; only the open listener keeps the isolate alive.
@@ -460,14 +464,16 @@ async def test_listener_keeps_spawned_isolate_alive_until_closed(helpers: Helper
         port.close()
 
 
-@pytest.mark.xfail(
-    reason="the isolate's native-queue reader counts as I/O in the loop's liveness check "
-    "(_loop.py), so a native listener keeps a spawned isolate alive even with keep_isolate_alive=False",
-    strict=True,
-)
+def _native_listener() -> bool:
+    """Whether ``NativeCallable.listener`` of ``LISTENER`` is a native closure (posting to the native queue)."""
+    from dartloop.ffi import _callable
+
+    return getattr(_callable, "_make_listener_closure", None) is not None and getattr(_callable, "listener_impl", "ctypes") != "ctypes"
+
+
 async def test_listener_without_keepalive_lets_isolate_end(helpers: Helpers) -> None:
     exits = Inbox("exits")
-    iso, inbox = await spawn(_listener_entry, (helpers.path, False), on_exit=exits.send_port)
+    iso, inbox = await spawn(_listener_entry, (False,), on_exit=exits.send_port)
     kind, address = await inbox.next()
     assert kind == "address"
     # It ends on its own despite the open listener. (An isolate that stays
@@ -567,7 +573,12 @@ async def test_isolate_local_default_exceptional_return_is_zero(helpers: Helpers
 
 async def test_isolate_local_from_c_thread_does_not_run(helpers: Helpers, loop_errors: Any, loop_error_signal: ErrorSignal) -> None:
     ran: list[int] = []
-    local = NativeCallable.isolate_local(II, lambda a: ran.append(a) or a, exceptional_return=-1)
+
+    def callback(a: int) -> int:
+        ran.append(a)
+        return a
+
+    local = NativeCallable.isolate_local(II, callback, exceptional_return=-1)
     inbox = Inbox()
     call = helpers.start_call(inbox.send_port.native_port, local.pointer, 5)
     assert await inbox.next() == -1
@@ -721,11 +732,12 @@ async def test_blocking_raising_callback_gives_exceptional_return(helpers: Helpe
     (context,) = loop_errors.take()
     assert isinstance(context["exception"], ValueError)
     assert str(context["exception"]) == f"{kind} 1"
-    # Inline, on the owner's thread: the same.
+    # Inline, on the owner's thread: the same (an async callback that
+    # suspends can't run inline at all).
     assert helpers.ii_here(blocking.pointer, 2) == -5
     await loop_error_signal.wait_for(2)
     (context,) = loop_errors.take()
-    assert isinstance(context["exception"], ValueError)
+    assert type(context["exception"]) is (ValueError if kind == "plain" else NativeCallbackError)
     blocking.close()
     results.close()
 
@@ -779,6 +791,8 @@ async def test_blocking_owner_paused_gives_exceptional_return(helpers: Helpers) 
     assert await results.next() == -1
     helpers.ii_join(call)
     iso.resume(resume)
+    iso.ping(pong.send_port, "resumed")  # served after the resume
+    await pong.next()
     call = helpers.start_call(results.send_port.native_port, address, 2)
     assert await results.next() == 102
     helpers.ii_join(call)
@@ -825,6 +839,64 @@ async def test_blocking_owner_killed_while_c_thread_waits(helpers: Helpers, mode
     helpers.ii_join(call)
     for port in (exits, inbox, results):
         port.close()
+
+
+# --------------------------------------------------------------------------
+# Order across kinds of calls
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    _native_listener(),
+    reason="a native listener's calls travel through the native queue, blocking calls through the "
+    "inbox: the isolate may take them out of the order one C thread made them in",
+    strict=False,
+)
+async def test_listener_then_blocking_from_one_thread_keep_their_order(helpers: Helpers) -> None:
+    """Each call is an event of the owner, FIFO with its other events (as in Dart)."""
+    log: list[tuple[str, int]] = []
+
+    def on_blocking(i: int) -> int:
+        log.append(("blocking", i))
+        return i
+
+    listener = NativeCallable.listener(LISTENER, lambda t, i: log.append(("listener", i)))
+    blocking = NativeCallable.blocking(II, on_blocking, exceptional_return=-1)
+    done = Inbox()
+    count = 200
+    call = helpers.mixed_start(listener.address, blocking.address, count, helpers.api, done.send_port.native_port)
+    try:
+        assert await done.next() == 0
+    finally:
+        helpers.mixed_join(call)
+    await turns()
+    listener.close()
+    blocking.close()
+    done.close()
+    assert log == [(kind, i) for i in range(count) for kind in ("listener", "blocking")]
+
+
+VALUE_FN = ctypes.CFUNCTYPE(None, ctypes.c_int64)
+
+
+@pytest.mark.xfail(
+    reason="posts through DartloopApi travel through the native queue, SendPort.send from a "
+    "non-isolate thread through the inbox: messages one thread sends to one port both ways may be reordered",
+    strict=False,
+)
+async def test_posts_and_sends_from_one_thread_to_one_port_keep_their_order(helpers: Helpers) -> None:
+    """"Messages to one port arrive in the order they were sent from one thread" (api.md)."""
+    inbox = Inbox()
+    send_port = inbox.send_port
+    send = VALUE_FN(send_port.send)  # a plain ctypes callback: SendPort.send on the C thread
+    count = 500
+    call = helpers.interleave_start(helpers.api, send_port.native_port, send, count)
+    try:
+        got = await inbox.wait_for(2 * count)
+    finally:
+        helpers.interleave_join(call)
+    inbox.close()
+    assert got == list(range(2 * count))
 
 
 # --------------------------------------------------------------------------
@@ -911,7 +983,10 @@ async def test_posts_are_events_of_the_owner_with_drain(helpers: Helpers) -> Non
 
 
 async def test_eight_c_threads_100k_posts_each_in_order(helpers: Helpers) -> None:
-    n_threads, n = 8, 100_000
+    # The pure-Python queue takes the GIL for every post (about 20 s for the
+    # full count); tests/test_native_queue.py runs it at 8 x 100,000 without
+    # a loop. Here it gets a quarter, to keep the suite fast.
+    n_threads, n = 8, 100_000 if _queue.IMPLEMENTATION == "c" else 25_000
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     next_seq = [0] * n_threads
@@ -1022,6 +1097,27 @@ async def test_native_port_does_not_keep_spawned_isolate_alive() -> None:
     inbox.close()
 
 
+def _port_without_keepalive_entry(message: tuple[Any]) -> None:
+    (parent,) = message
+    port = RawReceivePort(lambda value: None)
+    port.keep_isolate_alive = False
+    parent.send(("port", port.send_port.native_port))
+
+
+async def test_native_port_without_keepalive_lets_isolate_end() -> None:
+    exits = Inbox("exits")
+    iso, inbox = await spawn(_port_without_keepalive_entry, (), on_exit=exits.send_port)
+    _kind, number = await inbox.next()
+    outcome = await first_of(exit=exits.wait_for(1), stuck=dartloop.future_delayed(STUCK_AFTER))
+    if outcome == "stuck":
+        iso.kill(priority=Isolate.IMMEDIATE)
+        await exits.wait_for(1)
+    assert outcome == "exit", "the isolate did not end"
+    assert not native_api().post_null(number)
+    exits.close()
+    inbox.close()
+
+
 @pytest.mark.parametrize("rep", range(RACE_REPEAT))
 async def test_posts_racing_port_close(helpers: Helpers, rep: int) -> None:
     n_threads = 4
@@ -1113,7 +1209,7 @@ async def test_bad_blocking_timeout() -> None:
     with pytest.raises(ValueError, match="timeout"):
         NativeCallable.blocking(II, lambda a: a, timeout=-1)
     with pytest.raises(TypeError):
-        NativeCallable.blocking(II, lambda a: a, timeout="soon")
+        NativeCallable.blocking(II, lambda a: a, timeout="soon")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("make", ["listener", "isolate_local", "blocking"])
@@ -1206,7 +1302,7 @@ async def main():
     listener = NativeCallable.listener(LISTENER, on_call)
     lib.calls_run(listener.pointer, 2, 500)
     blocking = NativeCallable.blocking(II, lambda a: a * 2, exceptional_return=-1)
-    call = lib.ii_start(API, number, blocking.pointer, 21, 2)
+    call = lib.ii_start(API, number, blocking.pointer, -21, 2)
     await done
     out = (ctypes.c_int64 * 12)()
     lib.posters_join(group, out)
@@ -1214,8 +1310,8 @@ async def main():
     assert list(out) == [5000, -1, 0] * 4, list(out)
     assert got[:10] == [None, -(1 << 63), (1 << 63) - 1, -2.5, "h\u00e9llo \u20ac \U0001F600", "",
                         b"\x00\x01\x02\xff", b"", -(1 << 63), -7], got[:10]
-    assert sorted(v for v in got[10:] if v in (42, 44)) == [42, 44]
-    ints = [v for v in got[10:] if v not in (42, 44)]
+    assert sorted(v for v in got[10:] if v < 0) == [-42, -40]
+    ints = [v for v in got[10:] if v >= 0]
     for t in range(4):
         assert [v & ((1 << 40) - 1) for v in ints if v >> 40 == t] == list(range(5000))
     await all_called

@@ -567,7 +567,9 @@ async def test_isolate_ends_while_c_threads_call(impl: str, lib: Lib) -> None:
     port.close()
     group = lib.cdll.seq_start(address, 4, scaled(impl, 200_000, 2_000))
     await asyncio.sleep(0.02)
-    iso.kill(priority=Isolate.IMMEDIATE)
+    # BEFORE_NEXT_EVENT: IMMEDIATE raises inside whatever the isolate runs,
+    # which may be a weakref callback ("Exception ignored"), a separate matter.
+    iso.kill()
     await asyncio.to_thread(join_isolate_threads, "listener-killed")
     await wait_threads(lib, group)
 

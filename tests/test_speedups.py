@@ -711,6 +711,30 @@ def test_schedule_microtask_errors(schedule: Callable[..., None]) -> None:
         loop.close()
 
 
+@pytest.mark.parametrize("schedule", _schedulers())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_schedule_microtask_after_the_loop_is_gone(schedule: Callable[..., None], backend: str) -> None:
+    # The C version remembers the last loop it saw (weakly): a loop that is
+    # gone, or no loop at all, must not match.
+    loop = dartloop.new_event_loop(backend=backend)
+    out: list[str] = []
+
+    async def main() -> None:
+        schedule(out.append, "m")
+        await asyncio.sleep(0)
+
+    loop.run_until_complete(main())
+    loop.close()
+    assert out == ["m"]
+    ref = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(RuntimeError, match="no running event loop"):
+        schedule(out.append, "late")
+    assert out == ["m"]
+
+
 def test_public_schedule_microtask_is_the_selected_one() -> None:
     expected = _microtasks._schedule_microtask_py if _loop.SPEEDUPS is None else _loop.SPEEDUPS.schedule_microtask
     assert dartloop.schedule_microtask is expected
@@ -765,7 +789,7 @@ def _source_hash(func: Callable[..., Any]) -> str:
 MIRRORED = {
     "DartEventLoop._run_pending_immediate_callback": "b257e6708a009aa6",
     "schedule_microtask": "303a44b42e9756d6",
-    "_UVDartLoop._run_event": "75c2bd4f0006d3d3",
+    "_UVDartLoop._run_event": "d259eccc324da059",
     "_UVDartLoop._run_timer_event": "fd53aafe694e0eeb",
     "_UVDartLoop.call_soon": "ba7142835d333406",
     "_UVDartLoop.call_soon_threadsafe": "df13abcf335f8690",

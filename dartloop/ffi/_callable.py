@@ -511,8 +511,10 @@ class _BlockingCall:
         self.done.set()
 
 
-def _run_blocking_call(call: _BlockingCall) -> None:
+def _run_blocking_call(call: _BlockingCall | BaseException) -> None:
     # The port handler on the owner isolate: one event per C call.
+    if isinstance(call, BaseException):
+        raise call  # the error of an inline call (see _run_inline), reported now
     if call.abandoned:
         return
     try:

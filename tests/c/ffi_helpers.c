@@ -168,6 +168,97 @@ ii_join(void *p)
     free(c);
 }
 
+/* One thread alternates: listener(0, i), then blocking(i), for i < count;
+ * then posts the number of blocking calls that returned a wrong result. */
+typedef struct {
+    listener_fn listener;
+    ii_fn blocking;
+    int64_t count;
+    const DartloopApi *api;
+    int64_t port;
+    pthread_t th;
+} mixed_call;
+
+static void *
+mixed_main(void *p)
+{
+    mixed_call *c = (mixed_call *)p;
+    int64_t bad = 0;
+    for (int64_t i = 0; i < c->count; i++) {
+        c->listener(0, i);
+        if (c->blocking((intptr_t)i) != (intptr_t)i) {
+            bad++;
+        }
+    }
+    (void)c->api->post_int64(c->port, bad);
+    return NULL;
+}
+
+void *
+mixed_start(listener_fn listener, ii_fn blocking, int64_t count, const DartloopApi *api, int64_t port)
+{
+    mixed_call *c = calloc(1, sizeof *c);
+    c->listener = listener;
+    c->blocking = blocking;
+    c->count = count;
+    c->api = api;
+    c->port = port;
+    start_or_die(&c->th, mixed_main, c);
+    return c;
+}
+
+void
+mixed_join(void *p)
+{
+    mixed_call *c = (mixed_call *)p;
+    pthread_join(c->th, NULL);
+    free(c);
+}
+
+/* One thread alternates: post_int64(port, 2i), then py(2i + 1), for i < count
+ * (py is a plain ctypes callback that sends 2i + 1 to the same port from
+ * Python: SendPort.send). */
+typedef void (*value_fn)(int64_t);
+
+typedef struct {
+    const DartloopApi *api;
+    int64_t port;
+    value_fn py;
+    int64_t count;
+    pthread_t th;
+} interleave_call;
+
+static void *
+interleave_main(void *p)
+{
+    interleave_call *c = (interleave_call *)p;
+    for (int64_t i = 0; i < c->count; i++) {
+        (void)c->api->post_int64(c->port, 2 * i);
+        c->py(2 * i + 1);
+    }
+    return NULL;
+}
+
+void *
+interleave_start(const DartloopApi *api, int64_t port, value_fn py, int64_t count)
+{
+    interleave_call *c = calloc(1, sizeof *c);
+    c->api = api;
+    c->port = port;
+    c->py = py;
+    c->count = count;
+    start_or_die(&c->th, interleave_main, c);
+    return c;
+}
+
+void
+interleave_join(void *p)
+{
+    interleave_call *c = (interleave_call *)p;
+    pthread_join(c->th, NULL);
+    free(c);
+}
+
 /* A call on the calling thread, from C. */
 intptr_t
 ii_here(ii_fn fn, intptr_t arg)
