@@ -114,6 +114,10 @@ class _IsolateState:
         self._control_core: _PortCore | None = None
         # Set (under lock) once kill(IMMEDIATE) may have raised into the thread.
         self.interrupted = False
+        # Set (under lock) when the thread has done its last Python work;
+        # _join waiters are told then (see _thread_done).
+        self.finished = False
+        self.finish_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self.entry: tuple[Callable[[Any], Any], Any] | None = None
 
     # -- setup ------------------------------------------------------------
@@ -515,7 +519,32 @@ class _IsolateState:
                     break
                 except _IsolateKilled:
                     continue  # a kill(IMMEDIATE) that landed just now
-            self._finish(loop)
+            try:
+                self._finish(loop)
+            finally:
+                self._thread_done()
+
+    def _thread_done(self) -> None:
+        """The thread's last act: wake whoever waits to join it (see _join)."""
+        with self.lock:
+            self.finished = True
+            waiters, self.finish_waiters = self.finish_waiters, []
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(_set_done, fut)
+            except (RuntimeError, AttributeError):  # pragma: no cover - that loop is gone
+                pass
+
+    def _finished_future(self) -> asyncio.Future[None]:
+        """A future of the running loop, done once the thread's last act is done."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self.lock:
+            if not self.finished:
+                self.finish_waiters.append((loop, fut))
+                return fut
+        fut.set_result(None)
+        return fut
 
     def _disarm(self) -> None:
         """Make sure no kill(IMMEDIATE) exception can land during the cleanup."""
@@ -607,6 +636,11 @@ class _IsolateState:
 
 def _noop() -> None:
     pass
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _drop_dart_work(loop: DartEventLoop) -> None:
@@ -965,11 +999,14 @@ async def _join(state: _IsolateState) -> None:
     thread = state.thread
     if thread is None or thread is threading.current_thread():
         return
-    # The exit message is the isolate's last act, so the thread is at its
-    # very end by now: a short wait, not worth an executor hop.
-    thread.join(0.5)
+    # After an exit message the thread is at its very end: a short blocking
+    # wait is cheaper than a loop round trip. An isolate that is still
+    # cancelling leftover tasks (after an error report, say) is waited for
+    # without blocking the loop: its thread wakes us when it is done.
+    thread.join(0.02)
     if thread.is_alive():
-        await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        await state._finished_future()
+        thread.join()
 
 
 def _remote_run(message: tuple[Any, ...]) -> Any:
@@ -990,7 +1027,7 @@ async def _remote_await(port: SendPort, awaitable: Any) -> None:
     try:
         result = await awaitable
     except BaseException as exc:
-        if isinstance(exc, (_IsolateUnwind, asyncio.CancelledError)):
+        if isinstance(exc, (_IsolateUnwind, asyncio.CancelledError, GeneratorExit)):
             raise
         _exit_with_error(port, exc)
     Isolate.exit(port, ("ok", result))

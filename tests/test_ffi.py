@@ -742,6 +742,31 @@ async def test_blocking_raising_callback_gives_exceptional_return(helpers: Helpe
     results.close()
 
 
+async def test_result_of_wrong_type_gives_exceptional_return(helpers: Helpers, loop_errors: Any, loop_error_signal: ErrorSignal) -> None:
+    """A result ctypes can't return is reported like an exception (not printed by ctypes)."""
+
+    async def async_wrong(a: int) -> str:
+        await asyncio.sleep(0)
+        return "wrong"
+
+    local = NativeCallable.isolate_local(II, lambda a: "wrong", exceptional_return=-1)
+    plain = NativeCallable.blocking(II, lambda a: 1.5, exceptional_return=-2)
+    coro = NativeCallable.blocking(II, async_wrong, exceptional_return=-3)
+    assert helpers.ii_here(local.pointer, 1) == -1
+    assert helpers.ii_here(plain.pointer, 1) == -2  # inline
+    results = Inbox()
+    calls = [helpers.start_call(results.send_port.native_port, c.pointer, 1) for c in (plain, coro)]
+    assert sorted(await results.wait_for(2)) == [-3, -2]
+    for call in calls:
+        helpers.ii_join(call)
+    await loop_error_signal.wait_for(4)
+    errors = [c["exception"] for c in loop_errors.take()]
+    assert [type(e) for e in errors] == [TypeError] * 4
+    assert all("can't be converted to its return type" in str(e) for e in errors)
+    for closable in (local, plain, coro, results):
+        closable.close()
+
+
 async def test_blocking_timeout_gives_exceptional_return(helpers: Helpers) -> None:
     loop = asyncio.get_running_loop()
     release = loop.create_future()
@@ -1347,3 +1372,21 @@ def test_other_queue_implementation(helpers: Helpers) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.split()
     assert lines.count("ok") == len(dartloop.available_backends()), proc.stdout
+
+
+# --------------------------------------------------------------------------
+# The examples
+# --------------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("example", ["native_async_callback.py", "native_port_call.py"])
+def test_native_example_runs(helpers: Helpers, example: str) -> None:
+    """Each example builds its C part, checks the Dart sample's expectations and exits 0."""
+    path = EXAMPLES / example
+    if not path.is_file():
+        pytest.skip(f"{path} is not in this tree")
+    proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "numCallbacks1 = 2, numCallbacks2 = 3, globalResult = 14" in proc.stdout

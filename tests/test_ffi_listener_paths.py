@@ -269,6 +269,28 @@ async def test_callback_runs_on_owner_thread_then_microtasks(impl: str, lib: Lib
     nc.close()
 
 
+async def test_raising_callback_is_reported_and_later_calls_still_run(impl: str, lib: Lib, loop_errors: Any) -> None:
+    calls: list[int] = []
+    done = asyncio.get_running_loop().create_future()
+
+    def callback(t: int, i: int) -> None:
+        calls.append(i)
+        if i == 1:
+            raise ValueError("boom 1")
+        if i == 3:
+            done.set_result(None)
+
+    nc = NativeCallable.listener(SEQ_FN, callback)
+    group = lib.cdll.seq_start(nc.address, 1, 4)
+    await wait_threads(lib, group)
+    await asyncio.wait_for(done, 10)
+    nc.close()
+    assert calls == [0, 1, 2, 3]
+    (context,) = loop_errors.take()
+    assert isinstance(context["exception"], ValueError)
+    assert str(context["exception"]) == "boom 1"
+
+
 # -- argument values -----------------------------------------------------
 
 

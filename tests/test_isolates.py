@@ -314,6 +314,54 @@ async def test_run_uncaught_error_is_remote_error() -> None:
     assert "boom" in info.value.stack_trace and "Traceback" in info.value.stack_trace
 
 
+async def test_run_joins_a_slow_teardown_without_blocking_the_loop() -> None:
+    # The uncaught error reaches the caller at once; the isolate then cancels
+    # a leftover task whose cleanup waits for the caller's loop: Isolate.run
+    # must wait for the thread without blocking that loop.
+    gate = threading.Event()
+    tearing_down = RawReceivePort(lambda m: gate.set())
+    signal = tearing_down.send_port
+
+    async def computation() -> None:
+        async def lingering() -> None:
+            try:
+                await asyncio.get_running_loop().create_future()
+            finally:
+                signal.send("tearing down")
+                gate.wait()
+
+        def boom() -> None:
+            raise ValueError("boom")
+
+        asyncio.get_running_loop().create_task(lingering())
+        Timer.run(boom)
+        await asyncio.get_running_loop().create_future()
+
+    before = threading.active_count()
+    with pytest.raises(RemoteError, match="ValueError: boom"):
+        await Isolate.run(computation, debug_name="slow-teardown")
+    assert gate.is_set()
+    assert isolate_threads("slow-teardown") == []
+    assert threading.active_count() == before
+    tearing_down.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_closing_the_root_loop_ends_its_isolates(backend: str) -> None:
+    async def main() -> None:
+        inbox = Inbox()
+        await Isolate.spawn(_busy_entry, inbox.send_port, debug_name="orphan")
+        assert await inbox.next() == "spinning"
+        await Isolate.spawn(_command_entry, inbox.send_port, debug_name="orphan")
+        assert isinstance(await inbox.next(), SendPort)
+        # Returning leaves both running: closing the loop kills and joins them.
+
+    before = threading.active_count()
+    dartloop.run(main(), backend=backend)
+    assert isolate_threads("orphan") == []
+    assert threading.active_count() == before
+
+
 async def test_run_wrong_inputs() -> None:
     before = threading.active_count()
     with pytest.raises(IsolateSpawnException):
@@ -761,9 +809,13 @@ def _zero_timer_entry(port: SendPort) -> None:
 
 
 def _periodic_timer_entry(port: SendPort) -> None:
+    calls = 0
+
     def tick(timer: Timer) -> None:
-        port.send(("tick", timer.tick))
-        if timer.tick == 3:
+        nonlocal calls
+        calls += 1  # (timer.tick may skip on a loaded machine: it counts periods)
+        port.send(("tick", calls))
+        if calls == 3:
             timer.cancel()
 
     Timer.periodic(0.001, tick)

@@ -148,6 +148,24 @@ def _raise(exc: BaseException) -> None:
     raise exc
 
 
+def _result_error(restype: Any, value: Any) -> TypeError | None:
+    """The error ctypes would hit returning ``value`` as ``restype`` to C, or ``None``.
+
+    Checked on the owner's side, so that a wrong result gives C the
+    exceptional return and becomes an uncaught error of the owner, instead of
+    ctypes printing it and returning garbage (or 0) to C.
+    """
+    if restype is None:
+        return None
+    try:
+        restype(value)
+    except (TypeError, ValueError) as exc:
+        error = TypeError(f"the native callback returned {value!r}, which can't be converted to its return type {restype.__name__}")
+        error.__cause__ = exc
+        return error
+    return None
+
+
 class NativeCallable:
     """A C function pointer whose calls reach a Python callback on its owner isolate.
 
@@ -245,19 +263,20 @@ class NativeCallable:
         cls, functype: type, callback: Callable[..., object], codes: str, converters: tuple[tuple[int, type], ...]
     ) -> NativeCallable:
         assert _make_listener_closure is not None
+        handler: Callable[[tuple[Any, ...]], object]
         if converters:
             # POINTER / CFUNCTYPE arguments crossed as addresses: make the
             # instances a ctypes callback gets.
-            def handler(args: tuple[Any, ...]) -> None:
+            def convert_and_call(args: tuple[Any, ...]) -> None:
                 values = list(args)
                 for i, ptype in converters:
                     values[i] = _to_pointer(values[i], ptype)
                 callback(*values)
 
+            handler = convert_and_call
         else:
-
-            def handler(args: tuple[Any, ...]) -> None:
-                callback(*args)
+            # handler(args) is callback(*args), in C: no Python frame per call.
+            handler = _nativequeue.StarCall(callback)
 
         self = cls._create("listener", functype, handler, "NativeCallable.listener")
         core = self._port._core
@@ -302,6 +321,7 @@ class NativeCallable:
         iso = self._isolate
         owner = iso.thread_id
         post = iso.post
+        restype = functype._restype_  # type: ignore[attr-defined]
 
         def trampoline(*args: Any) -> Any:
             if core.closed:
@@ -310,12 +330,18 @@ class NativeCallable:
                 post(core, NativeCallbackError(_OUTSIDE))
                 return fallback
             try:
-                return callback(*args)
+                result = callback(*args)
             except BaseException as exc:
                 # The exception can't cross the C frames: report it from
                 # the owner's next event instead.
                 post(core, exc)
                 return fallback
+            if restype is not None:
+                error = _result_error(restype, result)
+                if error is not None:
+                    post(core, error)
+                    return fallback
+            return result
 
         self._pointer = functype(trampoline)
         return self
@@ -358,13 +384,14 @@ class NativeCallable:
         owner = iso.thread_id
         post = iso.post
         is_async = inspect.iscoroutinefunction(callback)
+        restype = functype._restype_  # type: ignore[attr-defined]
 
         def trampoline(*args: Any) -> Any:
             if core.closed or iso.dead:
                 return fallback
             if threading.get_ident() == owner:
-                return _run_inline(callback, args, fallback, post, core)
-            call = _BlockingCall(callback, args, is_async, fallback)
+                return _run_inline(callback, args, fallback, post, core, restype)
+            call = _BlockingCall(callback, args, is_async, fallback, restype)
             with iso.lock:
                 # Both under the lock: a pause served after this point finds
                 # the call in blocking_calls and wakes it (the pause adds its
@@ -489,12 +516,13 @@ def _to_pointer(address: int | None, ptype: type) -> Any:
 class _BlockingCall:
     """One waiting C call: the arguments in, the result out."""
 
-    __slots__ = ("callback", "args", "is_async", "result", "finished", "abandoned", "done")
+    __slots__ = ("callback", "args", "is_async", "restype", "result", "finished", "abandoned", "done")
 
-    def __init__(self, callback: Callable[..., Any], args: tuple[Any, ...], is_async: bool, fallback: Any) -> None:
+    def __init__(self, callback: Callable[..., Any], args: tuple[Any, ...], is_async: bool, fallback: Any, restype: Any) -> None:
         self.callback = callback
         self.args = args
         self.is_async = is_async
+        self.restype = restype
         self.result = fallback
         self.finished = False
         self.abandoned = False
@@ -535,14 +563,25 @@ def _run_blocking_call(call: _BlockingCall | BaseException) -> None:
                 if not isinstance(exc, _IsolateUnwind):
                     t.get_loop()._report_uncaught(exc, {"message": "Exception in blocking native callback", "exception": exc})  # type: ignore[attr-defined]
             elif not call.abandoned:
-                call.finish(t.result())
+                error = _result_error(call.restype, t.result())
+                if error is None:
+                    call.finish(t.result())
+                else:
+                    call.done.set()
+                    t.get_loop()._report_uncaught(error, {"message": "Exception in blocking native callback", "exception": error})  # type: ignore[attr-defined]
 
         task.add_done_callback(finished)
     elif not call.abandoned:
+        error = _result_error(call.restype, result)
+        if error is not None:
+            call.done.set()
+            raise error
         call.finish(result)
 
 
-def _run_inline(callback: Callable[..., Any], args: tuple[Any, ...], fallback: Any, post: Callable[..., None], core: Any) -> Any:
+def _run_inline(
+    callback: Callable[..., Any], args: tuple[Any, ...], fallback: Any, post: Callable[..., None], core: Any, restype: Any
+) -> Any:
     try:
         result = callback(*args)
         if inspect.iscoroutine(result):
@@ -551,11 +590,15 @@ def _run_inline(callback: Callable[..., Any], args: tuple[Any, ...], fallback: A
             try:
                 result.send(None)
             except StopIteration as stop:
-                return stop.value
-            result.close()
-            raise NativeCallbackError(
-                "an async blocking callback called on its own isolate's thread must finish without suspending"
-            )
+                result = stop.value
+            else:
+                result.close()
+                raise NativeCallbackError(
+                    "an async blocking callback called on its own isolate's thread must finish without suspending"
+                )
+        error = _result_error(restype, result)
+        if error is not None:
+            raise error
         return result
     except BaseException as exc:
         post(core, exc)
