@@ -18,7 +18,11 @@ run on the loop:
   entering Python from a foreign thread at all.
 
 Every figure is the median of ``--runs`` runs. The callback is the same
-closure everywhere (count, and finish a future at the last call).
+closure everywhere (count, and finish a future at the last call). The last
+column is the CPU time the loop's thread spent per call (``time.thread_time``):
+on a busy machine, where the wall-clock rate depends on how much of a core
+the loop gets, 1e9 / that is the rate the loop would sustain on a core of its
+own.
 """
 
 from __future__ import annotations
@@ -126,19 +130,21 @@ def make_callback(total: int) -> tuple[Callable[[int, int], None], asyncio.Futur
     return callback, done
 
 
-async def end_to_end(lib: ctypes.CDLL, address: int, threads: int, total: int, done: asyncio.Future[None]) -> float:
-    """Calls/s from ``threads`` C threads until the last callback has run."""
-    t0 = time.perf_counter()
+async def end_to_end(
+    lib: ctypes.CDLL, address: int, threads: int, total: int, done: asyncio.Future[None]
+) -> tuple[float, float]:
+    """(calls/s, loop CPU ns/call) from ``threads`` C threads until the last callback has run."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     group = lib.bench_start(address, threads, total // threads)
     await done
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
     while not lib.bench_done(group):
         await asyncio.sleep(0.001)
     lib.bench_join(group)
-    return total / elapsed
+    return total / elapsed, cpu * 1e9 / total
 
 
-async def listener(lib: ctypes.CDLL, impl: str, threads: int, total: int) -> float:
+async def listener(lib: ctypes.CDLL, impl: str, threads: int, total: int) -> tuple[float, float]:
     _callable.listener_impl = impl
     try:
         callback, done = make_callback(total)
@@ -151,7 +157,7 @@ async def listener(lib: ctypes.CDLL, impl: str, threads: int, total: int) -> flo
         _callable.listener_impl = "auto"
 
 
-async def call_soon_threadsafe(lib: ctypes.CDLL, threads: int, total: int) -> float:
+async def call_soon_threadsafe(lib: ctypes.CDLL, threads: int, total: int) -> tuple[float, float]:
     callback, done = make_callback(total)
     call_soon_threadsafe = asyncio.get_running_loop().call_soon_threadsafe
 
@@ -186,12 +192,12 @@ def main() -> None:
         lib = build(Path(tmp))
         print(f"Python {sys.version.split()[0]}, native queue: {_queue.IMPLEMENTATION}, "
               f"native listener: {'yes' if native else 'no (libffi missing)'}; median of {args.runs} runs")
-        print(f"{'backend':8} {'path':24} {'threads':>7} {'calls/s':>12}")
+        print(f"{'backend':8} {'path':24} {'threads':>7} {'calls/s':>12} {'loop CPU/call':>14}")
         for threads in (1, 4):
             rates = [ctypes_floor(lib, threads, args.slow_calls) for _ in range(args.runs)]
             print(f"{'-':8} {'ctypes floor (no loop)':24} {threads:>7} {statistics.median(rates):>12,.0f}")
         for backend in backends:
-            results: dict[tuple[str, int], list[float]] = {}
+            results: dict[tuple[str, int], list[tuple[float, float]]] = {}
 
             async def measure() -> None:
                 for _ in range(args.runs):
@@ -205,8 +211,10 @@ def main() -> None:
                             results.setdefault((name, threads), []).append(await coro)
 
             dartloop.run(measure(), backend=backend)
-            for (name, threads), rates in results.items():
-                print(f"{backend:8} {name:24} {threads:>7} {statistics.median(rates):>12,.0f}")
+            for (name, threads), runs in results.items():
+                rate = statistics.median(r for r, _ in runs)
+                cpu = statistics.median(c for _, c in runs)
+                print(f"{backend:8} {name:24} {threads:>7} {rate:>12,.0f} {cpu:>11,.0f} ns")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ cases are skipped when the extension is not built, unless
 ``DARTLOOP_REQUIRE_EXTENSIONS=1``; with ``DARTLOOP_NO_EXTENSIONS=1`` only the
 pure path exists.
 
+``dartloop.schedule_microtask`` and the uvloop backend's protocol proxies
+pick their version once, at import: here both versions are called side by
+side; a whole-suite run with ``DARTLOOP_NO_EXTENSIONS=1`` covers the rest of
+the pure path. ``test_c_mirrors_are_in_step_with_the_python_reference``
+fails when a mirrored Python method changes, until its C twin is checked.
+
 Plain pytest: each test builds its loops and drives them with
 ``run_until_complete``.
 """

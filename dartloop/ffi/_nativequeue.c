@@ -194,6 +194,7 @@ typedef struct nq_chunk {
     /* Records in use.  The last chunk of a list is partial; an earlier one
      * may end early too, when the next listener call did not fit. */
     size_t n;
+    Py_ssize_t nmsg; /* messages starting in this chunk */
     nq_msg items[NQ_CHUNK_CAP];
 } nq_chunk;
 
@@ -313,6 +314,7 @@ nq_reserve_locked(nq_core *q, size_t nrec)
     if (NQ_LIKELY(t != NULL && t->n + nrec <= NQ_CHUNK_CAP)) {
         nq_msg *m = &t->items[t->n];
         t->n += nrec;
+        t->nmsg++;
         return m;
     }
     nq_chunk *c = (nq_chunk *)malloc(sizeof(nq_chunk));
@@ -321,6 +323,7 @@ nq_reserve_locked(nq_core *q, size_t nrec)
     }
     c->next = NULL;
     c->n = nrec;
+    c->nmsg = 1;
     if (t == NULL) {
         q->head = c;
     }
@@ -1187,23 +1190,63 @@ nq_call_to_tuple(nq_msg *header)
 }
 
 static PyObject *
-NativeQueue_drain(NativeQueueObject *self, PyObject *Py_UNUSED(ignored))
+NativeQueue_drain(NativeQueueObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     nq_core *q = &self->core;
+    Py_ssize_t limit = 0;
+    if (nargs > 1) {
+        PyErr_Format(PyExc_TypeError, "drain() takes at most 1 argument (%zd given)", nargs);
+        return NULL;
+    }
+    if (nargs == 1 && args[0] != Py_None) {
+        limit = PyNumber_AsSsize_t(args[0], PyExc_OverflowError);
+        if (limit == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (limit <= 0) {
+            PyErr_SetString(PyExc_ValueError, "drain() limit must be positive (or None)");
+            return NULL;
+        }
+    }
 
     /* The critical section is a constant-time swap (plus one read(2) when a
-     * wakeup is outstanding), so posters are held up for microseconds at
-     * most, however large the batch. */
+     * wakeup is outstanding, or a walk over limit / NQ_CHUNK_CAP chunks), so
+     * posters are held up for microseconds at most, however large the
+     * queue. */
     pthread_mutex_lock(&q->lock);
+    nq_chunk *head = q->head;
+    Py_ssize_t count = q->count;
+    if (limit > 0 && count > limit) {
+        /* Take whole chunks, at least `limit` messages.  If some are left,
+         * the wakeup stays pending and the fd readable: the owner's loop
+         * calls again on its next iteration, after its other ready events.
+         * Converting a few thousand at a time also keeps the objects in the
+         * CPU caches between their creation here and their use. */
+        Py_ssize_t taken = 0;
+        nq_chunk *last = NULL, *c = head;
+        while (c != NULL && taken < limit) {
+            taken += c->nmsg;
+            last = c;
+            c = c->next;
+        }
+        if (c != NULL) {
+            last->next = NULL;
+            q->head = c;
+            q->count -= taken;
+            count = taken;
+            pthread_mutex_unlock(&q->lock);
+            goto convert;
+        }
+    }
     if (q->wakeup_pending) {
         nq_consume_locked(q);
         q->wakeup_pending = false;
     }
-    nq_chunk *head = q->head;
-    Py_ssize_t count = q->count;
     q->head = q->tail = NULL;
     q->count = 0;
     pthread_mutex_unlock(&q->lock);
+
+convert:;
 
     PyObject *list = PyList_New(count);
     if (list == NULL || count == 0) {
@@ -1359,13 +1402,17 @@ static PyMethodDef NativeQueue_methods[] = {
      "fileno() -> int\n\n"
      "The wakeup fd for the owning loop's add_reader (an eventfd on Linux, the\n"
      "read end of a pipe elsewhere); -1 once closed.  Any thread."},
-    {"drain", (PyCFunction)NativeQueue_drain, METH_NOARGS,
-     "drain() -> list[tuple[int, object]]\n\n"
+    {"drain", (PyCFunction)(void (*)(void))NativeQueue_drain, METH_FASTCALL,
+     "drain(limit=None) -> list[tuple[int, object]]\n\n"
      "Owning isolate thread.  Consume the wakeup and return every queued\n"
-     "(port, value) in FIFO order, converted to None/int/float/str/bytes;\n"
-     "[] if nothing is queued or the queue is closed.  A post that races\n"
-     "with drain() is either in this batch or triggers a new wakeup.\n"
-     "Raises MemoryError (the batch is then lost)."},
+     "(port, value) in FIFO order, converted to None/int/float/str/bytes\n"
+     "(a listener call: a tuple of its arguments); [] if nothing is queued\n"
+     "or the queue is closed.  A post that races with drain() is either in\n"
+     "this batch or triggers a new wakeup.  With a positive limit, when more\n"
+     "than limit messages are queued, return only the oldest ones, at least\n"
+     "limit (whole internal chunks, so up to about limit + 1024), and leave\n"
+     "the wakeup pending for the rest.  Raises MemoryError (the batch is\n"
+     "then lost)."},
     {"close", (PyCFunction)NativeQueue_close, METH_NOARGS,
      "close() -> None\n\n"
      "Any thread; idempotent.  Unbind every port bound to this queue, free\n"
