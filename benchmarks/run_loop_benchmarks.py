@@ -15,12 +15,15 @@ call drain, the reference a microtask queue can't beat in pure Python.
 
 Method: each measurement runs in a fresh loop (creation and closing are not
 timed; ``gc.collect()`` before each); one warm-up round at a tenth of the
-size is discarded; then every round runs each benchmark for every contender,
-in an order rotated by one each round and reversed every other round, so no
-contender always runs first or last on a noisy machine. The table shows the
-median throughput (higher is better) and the ratios of medians
-``dartloop(asyncio) / asyncio`` and ``dartloop(uvloop) / uvloop`` (above 1:
-dartloop is faster). All raw samples go to a JSON file.
+size is discarded; then every round runs each benchmark for every contender.
+Within a round a dartloop backend runs right next to its stock counterpart
+(contenders are grouped by backend), and the order is rotated by one each
+round and reversed every other round, so no contender always runs first or
+last on a noisy machine. The table shows the median throughput (higher is
+better) and the ratios ``dartloop(asyncio) / asyncio`` and
+``dartloop(uvloop) / uvloop`` (above 1: dartloop is faster), each the median
+of the per-round ratios, which cancels most of a shared machine's drifting
+load. All raw samples go to a JSON file.
 
 Network use: TCP echo over 127.0.0.1 only, one server and one client in the
 process, each round trip bounded by a timeout.
@@ -498,6 +501,13 @@ class Samples:
         v = self.values.get((bench, contender))
         return statistics.median(v) if v else None
 
+    def ratio(self, bench: str, a: str, b: str) -> float | None:
+        """Median over rounds of a / b, each pair measured in the same round."""
+        va, vb = self.values.get((bench, a)), self.values.get((bench, b))
+        if not va or not vb or len(va) != len(vb):
+            return None
+        return statistics.median(x / y for x, y in zip(va, vb))
+
 
 def applies(b: Bench, c: Contender) -> bool:
     if c.reference:
@@ -529,6 +539,15 @@ def rotated(items: list[Any], r: int) -> list[Any]:
     return out[::-1] if r % 2 else out
 
 
+def round_order(contenders: list[Contender], r: int) -> list[Contender]:
+    """Contenders grouped by backend (so compared ones run back to back), rotated."""
+    groups: dict[str, list[Contender]] = {}
+    for c in contenders:
+        family = "asyncio" if "asyncio" in c.name else "uvloop" if "uvloop" in c.name else c.name
+        groups.setdefault(family, []).append(c)
+    return [c for g in rotated(list(groups.values()), r) for c in rotated(g, r)]
+
+
 def fmt_rate(v: float | None) -> str:
     if v is None:
         return "-"
@@ -539,10 +558,8 @@ def fmt_rate(v: float | None) -> str:
     return f"{v:.0f}"
 
 
-def fmt_ratio(a: float | None, b: float | None) -> str:
-    if a is None or b is None or b == 0:
-        return "-"
-    return f"{a / b:.2f}x"
+def fmt_ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
 
 
 def print_table(benches: list[Bench], contenders: list[Contender], s: Samples, out: Any = sys.stdout) -> None:
@@ -561,9 +578,9 @@ def print_table(benches: list[Bench], contenders: list[Contender], s: Samples, o
         for a, base in ratio_pairs:
             if b.dart_only:
                 ref = "deque drain (ref)"
-                row.append(fmt_ratio(s.median(b.key, a), s.median(b.key, ref)) + " of ref" if b.reference else "")
+                row.append(fmt_ratio(s.ratio(b.key, a, ref)) + " of ref" if b.reference else "")
             else:
-                row.append(fmt_ratio(s.median(b.key, a), s.median(b.key, base)))
+                row.append(fmt_ratio(s.ratio(b.key, a, base)))
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     line = " | ".join(h.ljust(w) for h, w in zip(headers, widths))
@@ -583,10 +600,9 @@ def targets(benches: list[Bench], contenders: list[Contender], s: Samples) -> li
         for b in benches:
             if b.dart_only or b.target not in ("events", "futures", "timers", "tcp"):
                 continue
-            a, r = s.median(b.key, dname), s.median(b.key, base)
-            if a is None or r is None:
+            ratio = s.ratio(b.key, dname, base)
+            if ratio is None:
                 continue
-            ratio = a / r
             verdict = "ok" if ratio >= goal else f"missed by {(goal - ratio) * 100:.1f} points"
             lines.append(f"{dname} / {base} on {b.title}: {ratio:.3f}x (target >= {goal:.2f}x) {verdict}")
     for c in contenders:
@@ -595,8 +611,8 @@ def targets(benches: list[Bench], contenders: list[Contender], s: Samples) -> li
         m = s.median("microtask_chain", c.name)
         if m is not None:
             verdict = "ok" if m >= 5e6 else f"missed ({m / 5e6:.2f} of the target)"
-            ref = s.median("microtask_chain", "deque drain (ref)")
-            vs_ref = f", {m / ref:.2f}x the bare deque drain" if ref else ""
+            ref = s.ratio("microtask_chain", c.name, "deque drain (ref)")
+            vs_ref = f", {ref:.2f}x the bare deque drain" if ref else ""
             lines.append(f"{c.name} microtask chain: {m / 1e6:.2f} M/s{vs_ref} (target >= 5 M/s on 3.11) {verdict}")
     return lines
 
@@ -639,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(-1, rounds):  # round -1 is the warm-up, at a tenth of the size
         for b in benches:
             n = size[b.key] if r >= 0 else max(1000, size[b.key] // 10)
-            for c in rotated([c for c in contenders if applies(b, c)], max(r, 0)):
+            for c in round_order([c for c in contenders if applies(b, c)], max(r, 0)):
                 rate = measure(b, c, n)
                 if r >= 0:
                     samples.add(b.key, c.name, rate)
@@ -662,6 +678,16 @@ def main(argv: list[str] | None = None) -> int:
             b.key: {c.name: samples.median(b.key, c.name) for c in contenders if applies(b, c)} for b in benches
         },
         "units": {b.key: b.unit for b in benches},
+        "ratios": {
+            b.key: {
+                f"{a}/{base}": s_ratio
+                for a in (c.name for c in contenders if c.dart)
+                for base in ("asyncio", "uvloop", "deque drain (ref)")
+                if (base in a or base.startswith("deque"))
+                and (s_ratio := samples.ratio(b.key, a, base)) is not None
+            }
+            for b in benches
+        },
         "samples": {f"{k[0]}/{k[1]}": v for k, v in samples.values.items()},
         "targets": targets(benches, contenders, samples),
     }

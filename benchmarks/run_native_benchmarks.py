@@ -369,16 +369,16 @@ def report(backend: str, r: dict[str, float], args: argparse.Namespace) -> list[
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls and runs (a few seconds per backend)")
-    parser.add_argument("--runs", type=int, default=None, help="runs per case (median); default 7, quick 3")
+    parser.add_argument("--runs", type=int, default=None, help="runs per case (median); default 5, quick 3")
     parser.add_argument("--backend", choices=dartloop.available_backends(), action="append",
                         help="backend(s) to run; default: every available one")
     args = parser.parse_args()
     scale = 10 if args.quick else 1
-    args.runs = args.runs or (3 if args.quick else 7)
-    args.calls = 2_000_000 // scale          # listener calls per case (fast path)
-    args.slow_calls = 400_000 // scale       # calls per case through ctypes callbacks (GIL per call)
-    args.round_trips = 20_000 // scale
-    args.posts = 4_000_000 // scale
+    args.runs = args.runs or (3 if args.quick else 5)
+    args.calls = 1_000_000 // scale          # listener calls per case (fast path)
+    args.slow_calls = 100_000 // scale       # calls per case through ctypes callbacks (GIL per call)
+    args.round_trips = 10_000 // scale
+    args.posts = 2_000_000 // scale
     if _queue.IMPLEMENTATION != "c":         # the pure queue takes the GIL per post
         args.calls = args.slow_calls
         args.posts = args.slow_calls

@@ -26,6 +26,7 @@ import collections
 import ctypes
 import functools
 import inspect
+import itertools
 import threading
 import traceback
 import weakref
@@ -36,7 +37,7 @@ from ._errors import IsolateSpawnException, RemoteError, _IsolateKilled, _Isolat
 from ._loop import DartEventLoop, new_event_loop
 from ._message import check_message, prepare_message
 from ._microtasks import running_dart_loop
-from ._ports import Capability, RawReceivePort, SendPort, _PortCore
+from ._ports import Capability, RawReceivePort, SendPort, _new_port_id, _PortCore
 
 __all__ = ["Isolate"]
 
@@ -108,6 +109,14 @@ class _IsolateState:
         self.native_queue: Any = None
         # Ports bound to native_queue (posts from C reach them).
         self.native_ports: set[int] = set()
+        # Once the isolate has a native queue, messages from other Python
+        # threads travel through it too (see relay), so a thread's posts from
+        # C and its sends from Python share one FIFO, as Dart's port queue.
+        # relay_port (0: no queue) is bound to the queue; each message is
+        # posted there as a ticket into relay_box.
+        self.relay_port = 0
+        self.relay_box: dict[int, tuple[_PortCore, Any]] = {}
+        self._relay_tickets = itertools.count()
         self.pause_capability = Capability()
         self.terminate_capability = Capability()
         self.lock = threading.Lock()
@@ -166,6 +175,8 @@ class _IsolateState:
         if threading.get_ident() == self.thread_id:
             self.loop.call_soon(self._deliver, core, message)
             return
+        if self.relay_port and self.relay(core, message):
+            return
         self.inbox.append((core, message))
         if not self.inbox_scheduled:
             self.inbox_scheduled = True
@@ -173,6 +184,21 @@ class _IsolateState:
                 self.loop.call_soon_threadsafe(self._drain_inbox)
             except (RuntimeError, AttributeError):  # closed, or None once closed
                 pass  # the loop closed meanwhile: the isolate is gone, drop
+
+    def relay(self, core: _PortCore, message: Any) -> bool:
+        """Queue a message from another thread through the native queue. Any thread.
+
+        False when the queue is gone (the isolate ended): the caller then
+        falls back on the inbox, which drops it as a dead isolate's.
+        """
+        from .ffi._queue import post_int64
+
+        ticket = next(self._relay_tickets)  # atomic under the GIL
+        self.relay_box[ticket] = (core, message)
+        if post_int64(self.relay_port, ticket):
+            return True
+        self.relay_box.pop(ticket, None)
+        return False
 
     def _deliver(self, core: _PortCore, message: Any) -> None:
         # One same-thread message; the loop's turn drains microtasks after it.
@@ -239,10 +265,22 @@ class _IsolateState:
         loop = self.loop
         microtasks = loop._microtasks
         registry = _registry_ref()
-        for port_id, value in queue.drain():
-            core = registry.get(port_id)
-            if core is None or core.isolate is not self:
-                continue
+        relay_port, relay_box = self.relay_port, self.relay_box
+        # At most ~1024 per call (the rest keeps the fd readable, so the loop
+        # comes back after its other ready events): fair to them under a
+        # flood from C, and the batch's objects stay in the CPU caches.
+        batch = queue.drain(1024)
+        if self.inbox:
+            # Sent before the relay existed (or by a thread that had not yet
+            # seen it): older than anything of the same sender in the batch.
+            self._drain_inbox()
+        for port_id, value in batch:
+            if port_id == relay_port:
+                core, value = relay_box.pop(value)
+            else:
+                core = registry.get(port_id)
+                if core is None or core.isolate is not self:
+                    continue
             if self.resume_caps or self.held:
                 self.hold(functools.partial(self._dispatch, core, value))
                 continue
@@ -268,6 +306,9 @@ class _IsolateState:
                 return
             if self.native_queue is None:
                 self.native_queue = _queue.NativeQueue()
+                relay_port = _new_port_id()
+                _queue.bind_port(relay_port, self.native_queue)
+                self.relay_port = relay_port
                 self.loop.call_soon_threadsafe(self._watch_native)
             _queue.bind_port(core.id, self.native_queue)
             core.native_bound = True
@@ -281,25 +322,15 @@ class _IsolateState:
     def unbind_native(self, port_id: int) -> None:
         """A native-bound port closed. Isolate thread.
 
-        With its last native-bound port the isolate stops watching (and
-        closes) its native queue: the reader is I/O, which would keep a
-        spawned isolate alive for ever. A later ``native_port`` makes a new
-        queue.
+        The queue itself stays until the isolate ends: other threads'
+        messages may be on their way through it (the relay), and its reader
+        does not keep the isolate alive (see ``_dart_native_fd``).
         """
         from .ffi import _queue
 
         _queue.unbind_port(port_id)
         with self.lock:
             self.native_ports.discard(port_id)
-            if self.native_ports or self.native_queue is None:
-                return
-            queue, self.native_queue = self.native_queue, None
-        try:
-            if not self.loop.is_closed():
-                self.loop.remove_reader(queue.fileno())
-        except Exception:  # pragma: no cover - loop already torn down
-            pass
-        queue.close()
 
     # -- pause ------------------------------------------------------------
 
@@ -473,6 +504,9 @@ class _IsolateState:
             self._control_core.close()
         queue, self.native_queue = self.native_queue, None
         if queue is not None:
+            from .ffi import _queue
+
+            _queue.unbind_port(self.relay_port)
             try:
                 if not self.loop.is_closed():
                     self.loop.remove_reader(queue.fileno())
@@ -480,6 +514,7 @@ class _IsolateState:
                 pass
             queue.close()
         self.inbox.clear()
+        self.relay_box.clear()
         self.oob.clear()
 
     # -- the spawned isolate's thread ---------------------------------------

@@ -593,6 +593,21 @@ def _drop_own_frames(handle: Any, count: int) -> Any:
 
 if _uvloop is not None:
 
+    def _is_uvloop_udp_abort_noise(context: dict[str, Any]) -> bool:
+        exc = context.get("exception")
+        transport = context.get("transport")
+        if type(transport).__name__ != "UDPTransport" or not transport.is_closing():
+            return False
+        if isinstance(exc, asyncio.CancelledError):
+            # "Fatal write error on datagram transport": the send was cancelled
+            # by the transport's own close, not failed.
+            return True
+        return (
+            isinstance(exc, AttributeError)
+            and context.get("protocol") is None
+            and context.get("message") == "protocol.resume_writing() failed"
+        )
+
     class _UVDartLoop(DartEventLoop, _uvloop.Loop):  # type: ignore[misc]
         """The ``"uvloop"`` backend: libuv runs the callbacks, we drain after each.
 
@@ -625,6 +640,16 @@ if _uvloop is not None:
             self._dart_debug = False
             super().__init__()
             self._dart_debug = bool(super().get_debug())
+
+        def call_exception_handler(self, context: dict[str, Any]) -> None:
+            """The handler, except for two reports uvloop makes of its own UDP
+            transports that asyncio does not make: aborting one with a datagram
+            still queued cancels the send, which uvloop reports as a fatal
+            error, and then calls ``resume_writing`` of the protocol it has
+            already dropped (MagicStack/uvloop#771)."""
+            if _is_uvloop_udp_abort_noise(context):
+                return
+            super().call_exception_handler(context)
 
         def set_debug(self, enabled: bool) -> None:
             # uvloop keeps its flag in C; mirror it for the checks done here.

@@ -8,7 +8,10 @@ message crosses:
   ``call_soon``, so it is FIFO with ``Timer.run`` and ``call_soon`` callbacks;
 * sent from any other thread, it is appended to the owner's inbox, and one
   ``call_soon_threadsafe`` wakeup is scheduled per burst (see
-  :meth:`dartloop._isolate._IsolateState.post`).
+  :meth:`dartloop._isolate._IsolateState.post`); once the owner has a native
+  queue (a port's ``native_port`` was read, or a native listener exists), it
+  goes through that queue instead, so one thread's messages from C and from
+  Python reach a port in the order that thread sent them.
 
 Either way the dispatch of one message is ``handler(message)`` followed by
 ``_run_pending_immediate_callback()``. Messages to a closed port, to a dead
@@ -172,6 +175,8 @@ class SendPort:
         iso = core.isolate
         if _get_ident() == iso.thread_id:
             iso.loop.call_soon(iso._deliver, core, message)
+            return
+        if iso.relay_port and iso.relay(core, message):
             return
         iso.inbox.append((core, message))
         if not iso.inbox_scheduled:

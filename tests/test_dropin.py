@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -196,6 +197,53 @@ def test_udp_echo() -> None:
         return got
 
     assert assert_all_equal(run_everywhere(main)) == [b"aa", b"bcbc", b"defdef"]
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs AF_UNIX datagram sockets")
+def test_aborting_a_udp_transport_with_a_queued_datagram() -> None:
+    """No error reaches the handler, as on asyncio (stock uvloop reports two,
+    MagicStack/uvloop#771; dartloop's uvloop backend keeps them out)."""
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        events: list[str] = []
+        with tempfile.TemporaryDirectory() as d, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as peer:
+            peer.bind(os.path.join(d, "peer"))
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(os.path.join(d, "local"))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1024)
+            sock.connect(os.path.join(d, "peer"))
+            sock.setblocking(False)
+            try:  # fill the send buffer: the transport must queue what comes next
+                while True:
+                    sock.send(b"\0" * 64)
+            except BlockingIOError:
+                pass
+            lost = loop.create_future()
+
+            class Proto(asyncio.DatagramProtocol):
+                def pause_writing(self) -> None:
+                    events.append("pause")
+
+                def resume_writing(self) -> None:
+                    events.append("resume")
+
+                def connection_lost(self, exc: Exception | None) -> None:
+                    events.append(f"lost {exc!r}")
+                    lost.set_result(None)
+
+            transport, _ = await loop.create_datagram_endpoint(Proto, sock=sock)
+            transport.set_write_buffer_limits(high=1)
+            transport.sendto(b"\0" * 64)
+            await asyncio.sleep(0)
+            transport.abort()
+            await lost
+            for _ in range(5):  # let any late report of the cancelled send come
+                await asyncio.sleep(0)
+        return events
+
+    kinds = tuple(k for k in LOOP_KINDS if k != "uvloop")
+    assert assert_all_equal(run_everywhere(main, kinds)) == ["pause", "lost None"]
 
 
 def test_unix_streams() -> None:

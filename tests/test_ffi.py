@@ -871,12 +871,6 @@ async def test_blocking_owner_killed_while_c_thread_waits(helpers: Helpers, mode
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    _native_listener(),
-    reason="a native listener's calls travel through the native queue, blocking calls through the "
-    "inbox: the isolate may take them out of the order one C thread made them in",
-    strict=False,
-)
 async def test_listener_then_blocking_from_one_thread_keep_their_order(helpers: Helpers) -> None:
     """Each call is an event of the owner, FIFO with its other events (as in Dart)."""
     log: list[tuple[str, int]] = []
@@ -904,11 +898,6 @@ async def test_listener_then_blocking_from_one_thread_keep_their_order(helpers: 
 VALUE_FN = ctypes.CFUNCTYPE(None, ctypes.c_int64)
 
 
-@pytest.mark.xfail(
-    reason="posts through DartloopApi travel through the native queue, SendPort.send from a "
-    "non-isolate thread through the inbox: messages one thread sends to one port both ways may be reordered",
-    strict=False,
-)
 async def test_posts_and_sends_from_one_thread_to_one_port_keep_their_order(helpers: Helpers) -> None:
     """"Messages to one port arrive in the order they were sent from one thread" (api.md)."""
     inbox = Inbox()
@@ -922,6 +911,59 @@ async def test_posts_and_sends_from_one_thread_to_one_port_keep_their_order(help
         helpers.interleave_join(call)
     inbox.close()
     assert got == list(range(2 * count))
+
+
+async def test_per_sender_order_holds_while_the_isolate_gets_its_native_queue() -> None:
+    """Python threads keep sending while the owner switches them to the native queue."""
+    inbox = Inbox()
+    send = inbox.send_port.send
+    senders, count = 4, 5000
+    halfway = threading.Barrier(senders + 1)
+    switched = threading.Event()
+
+    def sender(k: int) -> None:
+        for i in range(count):
+            if i == count // 4:
+                halfway.wait()
+            if i == count // 2:
+                switched.wait()
+            send((k, i))
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(senders)]
+    for t in threads:
+        t.start()
+    try:
+        await asyncio.to_thread(halfway.wait)  # every sender is a quarter through
+        other = RawReceivePort()
+        assert other.send_port.native_port > 0  # the isolate now has a native queue
+        assert asyncio.get_running_loop()._isolate.relay_port  # type: ignore[attr-defined]
+        switched.set()
+        got = await inbox.wait_for(senders * count)
+    finally:
+        switched.set()
+        for t in threads:
+            t.join()
+    other.close()
+    inbox.close()
+    assert len(got) == senders * count
+    for k in range(senders):
+        assert [i for s, i in got if s == k] == list(range(count)), f"sender {k}"
+
+
+async def test_sends_still_arrive_after_the_last_native_port_closes() -> None:
+    native = RawReceivePort()
+    assert native.send_port.native_port > 0
+    native.close()
+    inbox = Inbox()
+    send = inbox.send_port.send
+    thread = threading.Thread(target=lambda: [send(i) for i in range(1000)])
+    thread.start()
+    try:
+        got = await inbox.wait_for(1000)
+    finally:
+        thread.join()
+    inbox.close()
+    assert got == list(range(1000))
 
 
 # --------------------------------------------------------------------------

@@ -515,6 +515,54 @@ async def test_argument_counts(impl: str, n_args: int, tmp_path: Path) -> None:
         assert call == tuple(expected), f"call {i}"
 
 
+# -- NativeQueue.drain(limit), which the isolate uses ----------------------
+
+
+@pytest.mark.parametrize("queue_impl", ["c", "python"])
+def test_drain_limit_leaves_the_rest_and_the_wakeup(queue_impl: str) -> None:
+    import importlib
+    import select
+
+    from dartloop.ffi import DartloopApi
+
+    name = "dartloop.ffi._nativequeue" if queue_impl == "c" else "dartloop.ffi._pyqueue"
+    try:
+        mod = importlib.import_module(name)
+    except ImportError:
+        pytest.skip(f"{name} is not built")
+    api = DartloopApi.from_address(mod.api_address())
+    queue = mod.NativeQueue()
+    port = random.getrandbits(62) | 1
+    mod.bind_port(port, queue)
+    try:
+        with pytest.raises(ValueError):
+            queue.drain(0)
+        with pytest.raises(ValueError):
+            queue.drain(-5)
+        assert queue.drain(10) == []
+        total = 5000
+        for i in range(total):
+            assert api.post_int64(port, i)
+        got: list[int] = []
+        drains = 0
+        while select.select([queue.fileno()], [], [], 0)[0]:
+            batch = queue.drain(1000)
+            drains += 1
+            assert len(batch) >= min(1000, total - len(got))
+            assert len(batch) <= 1000 + 1024  # whole chunks of the C queue
+            got.extend(value for _, value in batch)
+        assert got == list(range(total))
+        assert 3 <= drains <= 5
+        assert queue.pending() == 0
+        # The wakeup was consumed with the last batch and is re-armed by a post.
+        assert api.post_int64(port, -1)
+        assert select.select([queue.fileno()], [], [], 0)[0]
+        assert queue.drain(None) == [(port, -1)]
+        assert not select.select([queue.fileno()], [], [], 0)[0]
+    finally:
+        queue.close()
+
+
 # -- closed callables and ended isolates -----------------------------------
 
 

@@ -39,7 +39,10 @@ Two implementations of ``listener``:
   and a fresh instance of the pointer or function type, holding the address,
   for ``POINTER``/``CFUNCTYPE`` arguments (made on the isolate, not in the
   calling thread). A ``c_wchar``/``c_wchar_p`` beyond U+10FFFF drops the call,
-  as ctypes does (ctypes also prints the error).
+  as ctypes does (ctypes also prints the error). Order: a C thread's calls
+  stay in order with each other and with its ``native_api()`` posts to the
+  same isolate (one queue), but not with events that come another way, e.g.
+  its ``blocking`` calls or ``SendPort.send`` from Python threads.
 * ctypes (the reference; any other argument type, e.g. structures by value,
   or when the extension or libffi is missing): a ``CFUNCTYPE`` thunk whose
   trampoline takes the GIL, in a thread state CPython makes for each call
@@ -220,9 +223,10 @@ class NativeCallable:
 
         Where the C extension was built with libffi and every argument type
         is supported, the pointer is a libffi closure that never takes the
-        GIL (over 1 M calls/s from one C thread); otherwise a ctypes
-        callback. ``callback`` gets the same values either way; see the
-        module docstring.
+        GIL (a C thread queues millions of calls a second; the isolate's
+        dispatch, under a microsecond a call, is the limit); otherwise a
+        ctypes callback. ``callback`` gets the same values either way; see
+        the module docstring.
         """
         what = "NativeCallable.listener()"
         _check_functype(functype, what)

@@ -146,9 +146,10 @@ typedef union {
     nq_blob *blob;
 } nq_arg;
 
-/* A listener call is ONE message stored in 1 + nq_call_nrec(nargs)
- * consecutive records of a chunk: the header (port, NQ_CALL, u.sig) and then
- * the arguments, NQ_ARGS_PER_REC to a record. */
+/* A listener call is ONE message stored in 1 + sig->nrec consecutive
+ * records of a chunk: the header (port, NQ_CALL, u.sig) and then the
+ * arguments, NQ_ARGS_PER_REC (3) to a record, so 2 records (48 bytes) for
+ * up to 3 arguments.  Calls never span chunks. */
 #define NQ_ARGS_PER_REC (sizeof(nq_msg) / sizeof(nq_arg))
 _Static_assert(sizeof(nq_msg) % sizeof(nq_arg) == 0, "nq_msg not a whole number of nq_arg");
 #define NQ_MAX_ARGS 64
@@ -1644,6 +1645,27 @@ nq_unbind_port(PyObject *Py_UNUSED(module), PyObject *arg)
 }
 
 static PyObject *
+nq_py_post_int64(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    /* The isolate's relay (Python senders on other threads) posts through
+     * here, holding the GIL: the same queue, and so the same FIFO, as the
+     * C threads' posts. */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "post_int64() takes exactly 2 arguments (port, value)");
+        return NULL;
+    }
+    long long port = PyLong_AsLongLong(args[0]);
+    if (port == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long long value = PyLong_AsLongLong(args[1]);
+    if (value == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return PyBool_FromLong(nq_post_int64((int64_t)port, (int64_t)value));
+}
+
+static PyObject *
 nq_api_address(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
 {
     return PyLong_FromVoidPtr((void *)&nq_api);
@@ -1666,6 +1688,10 @@ static PyMethodDef nq_module_methods[] = {
      "unbind_port(port: int) -> bool\n\n"
      "Any thread.  True if port was bound; afterwards posts to it return\n"
      "false.  Safe against concurrent posts."},
+    {"post_int64", (PyCFunction)(void (*)(void))nq_py_post_int64, METH_FASTCALL,
+     "post_int64(port: int, value: int) -> bool\n\n"
+     "Any thread.  DartloopApi.post_int64 for Python callers: True iff queued\n"
+     "to an open port.  OverflowError if either does not fit in int64."},
     {"api_address", (PyCFunction)nq_api_address, METH_NOARGS,
      "api_address() -> int\n\n"
      "Address of the process-wide, read-only DartloopApi (version 1)."},

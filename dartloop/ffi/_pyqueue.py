@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import operator
 import os
 import sys
 import threading
@@ -94,15 +95,24 @@ class NativeQueue:
         with self._lock:
             return len(self._items)
 
-    def drain(self) -> list[tuple[int, object]]:
+    def drain(self, limit: int | None = None) -> list[tuple[int, object]]:
         """Owning isolate thread.  Consume the wakeup and return every queued message.
 
         Returns ``(port, value)`` pairs in FIFO order across all ports of this
         queue, or ``[]`` if none is queued or the queue is closed.  A post that
         races with this call is either in the returned batch or writes a new
-        wakeup.
+        wakeup.  With a positive ``limit``, when more than ``limit`` messages
+        are queued, returns the oldest ``limit`` and leaves the wakeup pending
+        (the fd readable) for the rest.
         """
+        if limit is not None:
+            limit = operator.index(limit)
+            if limit <= 0:
+                raise ValueError("drain() limit must be positive (or None)")
         with self._lock:
+            if limit is not None and len(self._items) > limit:
+                popleft = self._items.popleft
+                return [popleft() for _ in range(limit)]
             if self._pending_wakeup:
                 self._consume_wakeup_locked()
                 self._pending_wakeup = False
@@ -279,6 +289,11 @@ def _post_int64(port: int, value: int) -> bool:
         return _post(port, value)
     except Exception:
         return False
+
+
+def post_int64(port: int, value: int) -> bool:
+    """Any thread.  ``DartloopApi.post_int64`` for Python callers: True iff queued."""
+    return _post(port, value)
 
 
 def _post_double(port: int, value: float) -> bool:

@@ -23,22 +23,23 @@ __all__ = [
     "api_struct_size",
     "bind_port",
     "native_api",
+    "post_int64",
     "unbind_port",
 ]
 
 IMPLEMENTATION: Literal["c", "python"]
 
 if TYPE_CHECKING:
-    from ._pyqueue import NativeQueue, api_address, api_struct_size, bind_port, unbind_port
+    from ._pyqueue import NativeQueue, api_address, api_struct_size, bind_port, post_int64, unbind_port
 elif os.environ.get("DARTLOOP_NO_EXTENSIONS") == "1":
-    from ._pyqueue import NativeQueue, api_address, api_struct_size, bind_port, unbind_port
+    from ._pyqueue import NativeQueue, api_address, api_struct_size, bind_port, post_int64, unbind_port
 
     IMPLEMENTATION = "python"
 else:
     try:
-        from ._nativequeue import NativeQueue, api_address, api_struct_size, bind_port, unbind_port
+        from ._nativequeue import NativeQueue, api_address, api_struct_size, bind_port, post_int64, unbind_port
     except ImportError:
-        from ._pyqueue import NativeQueue, api_address, api_struct_size, bind_port, unbind_port
+        from ._pyqueue import NativeQueue, api_address, api_struct_size, bind_port, post_int64, unbind_port
 
         IMPLEMENTATION = "python"
     else:
