@@ -396,6 +396,9 @@ class _IsolateState:
             ident = self.thread.ident
             if ident is not None:
                 self.interrupted = True
+                # The rest of the loop's ready queue must not run either
+                # (uvloop runs it after the exception escapes a callback).
+                self.loop._dart_unwinding = True
                 _set_async_exc(ident, _IsolateKilled)
 
     def serve_control(self) -> None:
@@ -453,11 +456,12 @@ class _IsolateState:
         ready queue after a ``SystemExit`` escaped a callback, before
         ``run_forever`` returns; on the asyncio backend the same is done by
         the thread main afterwards. (Plain asyncio callbacks already queued
-        with ``call_soon`` may still run meanwhile on uvloop, as they would
-        while ``asyncio.run`` cancels leftover tasks.)
+        with ``call_soon`` are dropped: from now on the loop runs only task
+        steps and future callbacks, see ``_dart_keep_while_unwinding``.)
         """
         if self.spawned:
             loop = self.loop
+            loop._dart_unwinding = True
             self._mark_dead()
             _drop_dart_work(loop)
             if loop.backend == "uvloop":
@@ -650,8 +654,9 @@ class _IsolateState:
         if tasks:
             if loop._microtasks:
                 # Kept task wake-ups (strict mode) run in the drain after
-                # an event: make sure one comes.
-                loop.call_soon(_noop)
+                # an event: make sure one comes (a future's callback, so
+                # that the ending loop runs it).
+                loop.call_soon(_set_done, loop.create_future())
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         loop._microtasks.clear()
         # Each of these runs the loop again: only when there is something to
@@ -667,10 +672,6 @@ class _IsolateState:
                 loop.run_until_complete(loop.shutdown_default_executor())
             finally:
                 loop._executor_jobs -= 1
-
-
-def _noop() -> None:
-    pass
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:

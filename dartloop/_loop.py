@@ -123,6 +123,25 @@ class DartEventLoop(asyncio.AbstractEventLoop):
         # The isolate's control queue (set by the isolate); served after
         # every event so that control actions run before the next event.
         self._dart_oob: collections.deque[Any] = collections.deque()
+        # Set when a spawned isolate starts to end (exit, kill, fatal
+        # error): from then on only what cancelling its leftover tasks needs
+        # runs (see _dart_keep_while_unwinding).
+        self._dart_unwinding = False
+
+    @staticmethod
+    def _dart_keep_while_unwinding(callback: Callable[..., object], args: tuple[Any, ...]) -> bool:
+        """Whether a callback still runs once the isolate is ending.
+
+        Dart runs nothing of an isolate after its exit; Python must still
+        cancel its leftover tasks (so that their ``finally`` blocks run).
+        What that needs is kept: task steps and wake-ups, and callbacks of
+        futures (``add_done_callback``, timers that complete a future).
+        Every other callback, e.g. a ``call_soon(port.send, ...)`` queued
+        before the exit, is dropped.
+        """
+        return isinstance(getattr(callback, "__self__", None), asyncio.Future) or (
+            bool(args) and isinstance(args[0], asyncio.Future)
+        )
 
     # -- the drain --------------------------------------------------------
 
@@ -416,6 +435,11 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
             handle._scheduled = False
             ready.append(handle)
 
+        if self._dart_unwinding:
+            keep = self._dart_keep_while_unwinding
+            kept = [h for h in ready if not h._cancelled and keep(h._callback, h._args)]
+            ready.clear()
+            ready.extend(kept)
         popleft = ready.popleft
         microtasks = self._microtasks
         oob = self._dart_oob
@@ -658,6 +682,8 @@ if _uvloop is not None:
 
         def _run_event(self, ctx: contextvars.Context, callback: Callable[..., object], *args: Any) -> None:
             """One event: ``ctx.run(callback, *args)``, then the drain."""
+            if self._dart_unwinding and not self._dart_keep_while_unwinding(callback, args):
+                return
             self._dart_events += 1
             try:
                 ctx.run(callback, *args)
@@ -905,6 +931,7 @@ else:  # pragma: no cover
 # a hash of each Python source and fails when one changes):
 #   DartEventLoop._run_pending_immediate_callback  -> LoopMethod("drain")
 #   _UVDartLoop._run_event / _run_timer_event      -> EventRunner / TimerEvent
+#   DartEventLoop._dart_keep_while_unwinding       -> called by EventRunner
 #   _UVDartLoop.call_soon / call_soon_threadsafe / call_later -> LoopMethod(...)
 # A LoopMethod falls back to the Python method in debug mode.
 
@@ -962,6 +989,7 @@ if SPEEDUPS is not None:
             _dart_debug = _runner_field("debug")
             _dart_oob = _runner_field("oob")
             _dart_watch_idle = _runner_field("watch_idle")
+            _dart_unwinding = _runner_field("unwinding")
 
             _run_pending_immediate_callback = SPEEDUPS.LoopMethod("drain", DartEventLoop._run_pending_immediate_callback)
             call_soon = SPEEDUPS.LoopMethod("call_soon", _UVDartLoop.call_soon, _uvloop.Loop.call_soon)

@@ -48,7 +48,7 @@ static PyObject *str_context, *str_run, *str_microtasks, *str_neutral_ctx,
     *str_message, *str_exception, *str_isolate, *str_serve_control,
     *str_check_idle, *str_timer_handles, *str_discard, *str_add,
     *str_popleft, *str_run_pending, *str_mt_append, *str_runner,
-    *str_exc_in_microtask;
+    *str_keep_unwinding, *str_exc_in_microtask;
 
 /* Lazily imported from dartloop (which imports this module first). */
 static PyObject *format_callback; /* dartloop._loop._format_callback */
@@ -317,6 +317,7 @@ typedef struct EventRunner {
     PyObject *debug;
     PyObject *oob;
     PyObject *watch_idle;
+    PyObject *unwinding;
     Py_ssize_t events;
     int c_drain;            /* the loop class drains with LoopMethod "drain" */
     int bound;
@@ -349,6 +350,7 @@ runner_alloc(PyObject *loop)
     self->debug = Py_NewRef(Py_False);
     self->oob = NULL;
     self->watch_idle = Py_NewRef(Py_False);
+    self->unwinding = Py_NewRef(Py_False);
     self->events = 0;
     self->c_drain = 0;
     self->bound = 0;
@@ -376,6 +378,7 @@ runner_traverse(EventRunner *self, visitproc visit, void *arg)
     Py_VISIT(self->debug);
     Py_VISIT(self->oob);
     Py_VISIT(self->watch_idle);
+    Py_VISIT(self->unwinding);
     return 0;
 }
 
@@ -392,6 +395,7 @@ runner_clear(EventRunner *self)
     Py_CLEAR(self->debug);
     Py_CLEAR(self->oob);
     Py_CLEAR(self->watch_idle);
+    Py_CLEAR(self->unwinding);
     return 0;
 }
 
@@ -419,9 +423,36 @@ run_event(EventRunner *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "_run_event() needs a context and a callback");
         return NULL;
     }
+    PyObject *ctx = args[0], *callback = args[1];
+    /* if self._dart_unwinding and not self._dart_keep_while_unwinding(callback, args): return */
+    int u = is_true(self->unwinding);
+    if (u < 0) {
+        return NULL;
+    }
+    if (u) {
+        PyObject *cbargs = PyTuple_New(nargs - 2);
+        if (cbargs == NULL) {
+            return NULL;
+        }
+        for (Py_ssize_t i = 2; i < nargs; i++) {
+            PyTuple_SET_ITEM(cbargs, i - 2, Py_NewRef(args[i]));
+        }
+        PyObject *keep = PyObject_CallMethodObjArgs(loop, str_keep_unwinding, callback, cbargs, NULL);
+        Py_DECREF(cbargs);
+        if (keep == NULL) {
+            return NULL;
+        }
+        u = PyObject_IsTrue(keep);
+        Py_DECREF(keep);
+        if (u < 0) {
+            return NULL;
+        }
+        if (!u) {
+            Py_RETURN_NONE;
+        }
+    }
     Py_INCREF(loop); /* the callback may close and drop everything */
     self->events++;
-    PyObject *ctx = args[0], *callback = args[1];
     if (PyContext_CheckExact(ctx)) {
         if (PyContext_Enter(ctx) < 0) {
             res = NULL;
@@ -627,6 +658,7 @@ runner_set_events(EventRunner *self, PyObject *value, void *c)
 OBJECT_FIELD(debug)
 OBJECT_FIELD(oob)
 OBJECT_FIELD(watch_idle)
+OBJECT_FIELD(unwinding)
 
 static PyObject *
 runner_get_loop(EventRunner *self, void *c)
@@ -639,6 +671,7 @@ static PyGetSetDef runner_getset[] = {
     {"debug", (getter)runner_get_debug, (setter)runner_set_debug, "loop._dart_debug", NULL},
     {"oob", (getter)runner_get_oob, (setter)runner_set_oob, "loop._dart_oob", NULL},
     {"watch_idle", (getter)runner_get_watch_idle, (setter)runner_set_watch_idle, "loop._dart_watch_idle", NULL},
+    {"unwinding", (getter)runner_get_unwinding, (setter)runner_set_unwinding, "loop._dart_unwinding", NULL},
     {"loop", (getter)runner_get_loop, NULL, "the loop", NULL},
     {NULL},
 };
@@ -1416,6 +1449,7 @@ PyInit__speedups(void)
         intern(&str_add, "add") < 0 || intern(&str_popleft, "popleft") < 0 ||
         intern(&str_run_pending, "_run_pending_immediate_callback") < 0 ||
         intern(&str_mt_append, "_mt_append") < 0 || intern(&str_runner, "_dart_runner") < 0 ||
+        intern(&str_keep_unwinding, "_dart_keep_while_unwinding") < 0 ||
         intern(&str_target, "_dartloop_target") < 0 || intern(&str_proxy_loop, "_dartloop_loop") < 0) {
         return NULL;
     }

@@ -401,6 +401,36 @@ async def test_exit_message_before_exit_notification_same_object() -> None:
     inbox.close()
 
 
+def _exit_with_callbacks_queued(port: SendPort) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def leftover() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            port.send("leftover task's finally")
+
+    loop.create_task(leftover())
+    loop.call_soon(port.send, "before exit")
+    loop.call_soon(Isolate.exit, port, "exit")
+    loop.call_soon(port.send, "queued after exit: must not run")
+    loop.call_later(0, port.send, "timer after exit: must not run")
+    Timer.run(lambda: port.send("Dart timer after exit: must not run"))
+
+
+async def test_nothing_queued_after_exit_runs_but_leftover_tasks_unwind() -> None:
+    """Dart runs nothing of an isolate after its exit; Python still cancels its
+    tasks. On uvloop too, which runs the rest of its ready queue after a
+    ``SystemExit`` escaped a callback."""
+    inbox = Inbox()
+    await Isolate.spawn(_exit_with_callbacks_queued, inbox.send_port, on_exit=inbox.send_port,
+                        debug_name="exit-with-callbacks")
+    await inbox.wait_for(4)
+    await _flush_after_thread(inbox, "exit-with-callbacks")
+    inbox.close()
+    assert inbox.messages == ["before exit", "leftover task's finally", "exit", None, "flush"]
+
+
 def _exit_unsendable_entry(port: SendPort) -> None:
     try:
         Isolate.exit(port, [threading.Lock()])

@@ -795,7 +795,7 @@ def _source_hash(func: Callable[..., Any]) -> str:
 MIRRORED = {
     "DartEventLoop._run_pending_immediate_callback": "b257e6708a009aa6",
     "schedule_microtask": "303a44b42e9756d6",
-    "_UVDartLoop._run_event": "d259eccc324da059",
+    "_UVDartLoop._run_event": "ca677250b0c20477",
     "_UVDartLoop._run_timer_event": "fd53aafe694e0eeb",
     "_UVDartLoop.call_soon": "ba7142835d333406",
     "_UVDartLoop.call_soon_threadsafe": "df13abcf335f8690",
