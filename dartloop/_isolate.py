@@ -26,8 +26,11 @@ import collections
 import ctypes
 import functools
 import inspect
+import _thread
 import itertools
+import sys
 import threading
+import time
 import traceback
 import weakref
 from collections.abc import Callable
@@ -57,6 +60,44 @@ _clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void
 
 _state_by_control: dict[int, _IsolateState] = {}
 _state_lock = threading.Lock()
+
+
+# kill(IMMEDIATE) raises an asynchronous exception in the isolate's thread.
+# Where it lands in a weakref callback, a __del__ or a GC callback, Python
+# reports it through sys.unraisablehook and forgets it ("Exception ignored
+# in ..."): the kill would be lost in a loop that never awaits (a WeakSet
+# in the loop is enough). This hook takes those reports out and raises the
+# exception once more, from another thread, so that it lands in the
+# isolate's own code. Installed on the first kill(IMMEDIATE), in front of
+# whatever hook is set then (re-installed if replaced); every other report
+# goes to that hook.
+_previous_unraisablehook: Callable[[Any], Any] | None = None
+
+
+def _unraisable_hook(unraisable: Any) -> None:
+    exc_type = unraisable.exc_type
+    if isinstance(exc_type, type) and issubclass(exc_type, _IsolateKilled):
+        loop = asyncio._get_running_loop()
+        state = getattr(loop, "_isolate", None)
+        if isinstance(state, _IsolateState) and state.thread_id == threading.get_ident():
+            # Not threading.Thread: its start() waits, and the new exception
+            # would land in this hook. A bare thread, a moment later.
+            _thread.start_new_thread(_interrupt_again, (state,))
+        return
+    (_previous_unraisablehook or sys.__unraisablehook__)(unraisable)
+
+
+def _interrupt_again(state: _IsolateState) -> None:
+    time.sleep(0.001)
+    state._interrupt()
+
+
+def _install_unraisable_hook() -> None:
+    global _previous_unraisablehook
+    with _state_lock:
+        if sys.unraisablehook is not _unraisable_hook:
+            _previous_unraisablehook = sys.unraisablehook
+            sys.unraisablehook = _unraisable_hook
 
 
 def _describe(exc: BaseException) -> list[str]:
@@ -390,6 +431,7 @@ class _IsolateState:
         # kill(IMMEDIATE) also stops Python code that is running in the
         # isolate now, even a loop that never awaits: an asynchronous
         # exception raised at its next bytecode boundary.
+        _install_unraisable_hook()
         with self.lock:
             if self.dead or not self.in_event or self.thread is None:
                 return

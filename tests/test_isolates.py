@@ -15,6 +15,7 @@ import asyncio
 import socket
 import threading
 import traceback
+import weakref
 from typing import Any
 
 import pytest
@@ -547,6 +548,33 @@ async def test_kill_immediate_interrupts_busy_loop() -> None:
     await asyncio.to_thread(join_isolate_threads, "busy")
     assert isolate_threads("busy") == []
     inbox.close()
+
+
+def _busy_with_weakref_callbacks(port: SendPort) -> None:
+    class Thing:
+        pass
+
+    things: weakref.WeakSet[Thing] = weakref.WeakSet()
+    port.send("spinning")
+    while True:
+        thing = Thing()
+        things.add(thing)
+        del thing  # runs the WeakSet's weakref callback
+
+
+async def test_kill_immediate_is_not_lost_in_a_weakref_callback() -> None:
+    """The asynchronous exception may land in a weakref callback, where Python
+    reports and forgets it: it is raised again, and nothing is reported."""
+    for round_ in range(20):
+        inbox = Inbox()
+        name = f"busy-weakrefs-{round_}"
+        iso = await Isolate.spawn(_busy_with_weakref_callbacks, inbox.send_port, on_exit=inbox.send_port,
+                                  debug_name=name)
+        assert await inbox.next() == "spinning"
+        iso.kill(priority=Isolate.IMMEDIATE)
+        assert await inbox.next() is None, f"round {round_}"
+        await asyncio.to_thread(join_isolate_threads, name)
+        inbox.close()
 
 
 def _kill_self_immediate(port: SendPort) -> None:
