@@ -724,7 +724,22 @@ if _uvloop is not None:
                 self._isolate.serve_control()  # type: ignore[union-attr]
 
         def _run_timer_event(self, token: list[Any], ctx: contextvars.Context, callback: Callable[..., object], *args: Any) -> None:
-            self._dart_timer_handles.discard(token[0])
+            # The timer is due: its callback becomes an event at the back of
+            # the ready queue, where asyncio puts a due timer and where Dart
+            # posts its timer wake-up. libuv runs due timers before uvloop's
+            # ready callbacks, which would let it overtake events queued
+            # before it came due.
+            if self._dart_debug:
+                event = _DebugEvent(self._run_due_timer, callback, (token, ctx, callback, *args))
+                _uvloop.Loop.call_soon(self, event, context=self._neutral_ctx)
+            else:
+                _uvloop.Loop.call_soon(self, self._run_due_timer, token, ctx, callback, *args, context=self._neutral_ctx)
+
+        def _run_due_timer(self, token: list[Any], ctx: contextvars.Context, callback: Callable[..., object], *args: Any) -> None:
+            handle = token[0]
+            self._dart_timer_handles.discard(handle)
+            if handle is not None and handle.cancelled():
+                return  # cancelled after it came due, before its turn (as in asyncio)
             self._run_event(ctx, callback, *args)
 
         def call_soon(self, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None) -> Any:
@@ -930,7 +945,7 @@ else:  # pragma: no cover
 # code mirrors, and must be kept in step with (tests/test_speedups.py holds
 # a hash of each Python source and fails when one changes):
 #   DartEventLoop._run_pending_immediate_callback  -> LoopMethod("drain")
-#   _UVDartLoop._run_event / _run_timer_event      -> EventRunner / TimerEvent
+#   _UVDartLoop._run_event / _run_timer_event / _run_due_timer -> EventRunner / TimerEvent
 #   DartEventLoop._dart_keep_while_unwinding       -> called by EventRunner
 #   _UVDartLoop.call_soon / call_soon_threadsafe / call_later -> LoopMethod(...)
 # A LoopMethod falls back to the Python method in debug mode.

@@ -710,8 +710,12 @@ static PyTypeObject EventRunner_Type = {
 /* The Python call_later registers `_run_timer_event(token, ctx, callback,
  * *args)` with a one-item list `token` that receives the handle; the C
  * call_later registers one of these instead (one object per timer instead
- * of an args tuple and a token list), which does the same when it fires:
- *     self._dart_timer_handles.discard(handle); self._run_event(ctx, callback, *args) */
+ * of an args tuple and a token list), which does the same when it fires.
+ * First call (the timer is due): queue itself at the back of the ready queue,
+ *     uvloop.Loop.call_soon(loop, self, context=neutral)
+ * second call (its turn, _run_due_timer):
+ *     self._dart_timer_handles.discard(handle)
+ *     if not handle.cancelled(): self._run_event(ctx, callback, *args) */
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
@@ -720,7 +724,11 @@ typedef struct {
     PyObject *ctx;
     PyObject *callback;
     PyObject *args; /* tuple */
+    int due;        /* called once: queued as a ready event */
 } TimerEvent;
+
+static PyObject *uv_call_soon; /* uvloop.Loop.call_soon, lazily */
+static PyObject *str_call_soon, *str_cancelled;
 
 static PyObject *
 timer_event_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject *kwnames)
@@ -738,6 +746,27 @@ timer_event_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject
     Py_INCREF(self);
     Py_INCREF(runner);
     PyObject *res = NULL;
+    if (!self->due) {
+        self->due = 1;
+        if (uv_call_soon == NULL) {
+            PyObject *loop_type = NULL;
+            if (lazy_attr(&loop_type, "uvloop", "Loop") == NULL) {
+                goto done;
+            }
+            uv_call_soon = PyObject_GetAttr(loop_type, str_call_soon);
+            Py_DECREF(loop_type);
+            if (uv_call_soon == NULL) {
+                goto done;
+            }
+        }
+        PyObject *stack[3] = {runner->loop, op, runner->neutral};
+        PyObject *h = PyObject_Vectorcall(uv_call_soon, stack, 2, kwnames_context);
+        if (h != NULL) {
+            Py_DECREF(h);
+            res = Py_NewRef(Py_None);
+        }
+        goto done;
+    }
     PyObject *handles = PyObject_GetAttr(runner->loop, str_timer_handles);
     if (handles == NULL) {
         goto done;
@@ -755,6 +784,19 @@ timer_event_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject
     Py_DECREF(handles);
     if (rc < 0) {
         goto done;
+    }
+    if (handle != Py_None) {
+        /* cancelled after it came due, before its turn (as in asyncio) */
+        PyObject *c = PyObject_CallMethodNoArgs(handle, str_cancelled);
+        if (c == NULL) {
+            goto done;
+        }
+        int cancelled = PyObject_IsTrue(c);
+        Py_DECREF(c);
+        if (cancelled) {
+            res = cancelled < 0 ? NULL : Py_NewRef(Py_None);
+            goto done;
+        }
     }
     Py_ssize_t nargs = PyTuple_GET_SIZE(self->args);
     PyObject *small[SMALL_STACK];
@@ -853,6 +895,7 @@ timer_event_new(EventRunner *runner, PyObject *ctx, PyObject *callback, PyObject
     self->ctx = Py_NewRef(ctx);
     self->callback = Py_NewRef(callback);
     self->args = t;
+    self->due = 0;
     PyObject_GC_Track(self);
     return self;
 }
@@ -1450,6 +1493,7 @@ PyInit__speedups(void)
         intern(&str_run_pending, "_run_pending_immediate_callback") < 0 ||
         intern(&str_mt_append, "_mt_append") < 0 || intern(&str_runner, "_dart_runner") < 0 ||
         intern(&str_keep_unwinding, "_dart_keep_while_unwinding") < 0 ||
+        intern(&str_call_soon, "call_soon") < 0 || intern(&str_cancelled, "cancelled") < 0 ||
         intern(&str_target, "_dartloop_target") < 0 || intern(&str_proxy_loop, "_dartloop_loop") < 0) {
         return NULL;
     }

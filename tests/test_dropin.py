@@ -644,6 +644,49 @@ def test_loop_methods_match_stock_on_errors() -> None:
     assert assert_all_equal(run_everywhere(main)) == ["ok"]
 
 
+def test_a_due_timer_runs_after_the_callbacks_queued_before_it() -> None:
+    """asyncio's order (and Dart's: a due timer's wake-up joins the tail of the
+    queue) on every dartloop backend; stock uvloop runs due timers first."""
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        log: list[str] = []
+        done = loop.create_future()
+
+        def first() -> None:
+            loop.call_later(0.001, log.append, "timer")
+            loop.call_soon(log.append, "call_soon")
+            busy_wait(0.005)  # the timer is due before the loop looks again
+            loop.call_later(0.02, done.set_result, None)
+
+        loop.call_soon(first)
+        await done
+        return log
+
+    kinds = tuple(k for k in LOOP_KINDS if k != "uvloop")
+    assert assert_all_equal(run_everywhere(main, kinds)) == ["call_soon", "timer"]
+
+
+def test_a_timer_cancelled_after_it_came_due_does_not_run() -> None:
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        log: list[str] = []
+        done = loop.create_future()
+
+        def first() -> None:
+            handle = loop.call_later(0.001, log.append, "timer")
+            loop.call_soon(handle.cancel)  # queued before the timer's turn
+            busy_wait(0.005)
+            loop.call_later(0.02, done.set_result, None)
+
+        loop.call_soon(first)
+        await done
+        return log
+
+    kinds = tuple(k for k in LOOP_KINDS if k != "uvloop")
+    assert assert_all_equal(run_everywhere(main, kinds)) == []
+
+
 def test_exception_in_callback_reaches_handler_everywhere() -> None:
     async def main() -> list[Any]:
         loop = asyncio.get_running_loop()
@@ -659,5 +702,7 @@ def test_exception_in_callback_reaches_handler_everywhere() -> None:
 
     for kind, factory in LOOP_KINDS.items():
         _, contexts = run_on(factory, main, expect_errors=True)
-        assert [type(c["exception"]) for c in contexts] == [ZeroDivisionError, KeyError], kind
+        # Stock uvloop may run the timer first on a slow machine (libuv runs
+        # due timers before ready callbacks): the order is tested elsewhere.
+        assert sorted(type(c["exception"]).__name__ for c in contexts) == ["KeyError", "ZeroDivisionError"], kind
         assert all(c["message"].startswith("Exception in callback") for c in contexts), kind

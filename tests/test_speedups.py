@@ -796,7 +796,8 @@ MIRRORED = {
     "DartEventLoop._run_pending_immediate_callback": "b257e6708a009aa6",
     "schedule_microtask": "303a44b42e9756d6",
     "_UVDartLoop._run_event": "ca677250b0c20477",
-    "_UVDartLoop._run_timer_event": "fd53aafe694e0eeb",
+    "_UVDartLoop._run_timer_event": "00b33f051114bb54",
+    "_UVDartLoop._run_due_timer": "c26218eafddd1e00",
     "_UVDartLoop.call_soon": "ba7142835d333406",
     "_UVDartLoop.call_soon_threadsafe": "df13abcf335f8690",
     "_UVDartLoop.call_later": "5a09e0988eefd801",
@@ -813,7 +814,7 @@ def _mirrored_functions() -> dict[str, Callable[..., Any]]:
         "_protocols._drained": _protocols._drained_py,
     }
     if _loop._UVDartLoop is not None:
-        for name in ("_run_event", "_run_timer_event", "call_soon", "call_soon_threadsafe", "call_later"):
+        for name in ("_run_event", "_run_timer_event", "_run_due_timer", "call_soon", "call_soon_threadsafe", "call_later"):
             out[f"_UVDartLoop.{name}"] = getattr(_loop._UVDartLoop, name)
     return out
 
