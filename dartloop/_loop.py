@@ -653,7 +653,8 @@ if _uvloop is not None:
             self._dart_transports: weakref.WeakSet[Any] = weakref.WeakSet()
             self._dart_servers: weakref.WeakSet[Any] = weakref.WeakSet()
             # Timer handles that may still fire; pruned when they fire or are
-            # found cancelled.
+            # found cancelled. Kept only while _dart_watch_idle (a spawned
+            # isolate's loop, set before it runs anything).
             self._dart_timer_handles: set[Any] = set()
             # Counts events run, for the idle probe (see _dart_probe).
             self._dart_events = 0
@@ -737,7 +738,8 @@ if _uvloop is not None:
 
         def _run_due_timer(self, token: list[Any], ctx: contextvars.Context, callback: Callable[..., object], *args: Any) -> None:
             handle = token[0]
-            self._dart_timer_handles.discard(handle)
+            if self._dart_watch_idle:
+                self._dart_timer_handles.discard(handle)
             if handle is not None and handle.cancelled():
                 return  # cancelled after it came due, before its turn (as in asyncio)
             self._run_event(ctx, callback, *args)
@@ -791,7 +793,8 @@ if _uvloop is not None:
                     context=self._neutral_ctx,
                 )
             token[0] = handle
-            self._dart_timer_handles.add(handle)
+            if self._dart_watch_idle:  # only a spawned isolate's liveness needs them
+                self._dart_timer_handles.add(handle)
             return handle
 
         def _check_callback_dart(self, callback: object, method: str) -> None:

@@ -767,23 +767,29 @@ timer_event_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject
         }
         goto done;
     }
-    PyObject *handles = PyObject_GetAttr(runner->loop, str_timer_handles);
-    if (handles == NULL) {
-        goto done;
-    }
-    int rc;
     PyObject *handle = self->handle ? self->handle : Py_None;
-    if (PySet_CheckExact(handles)) {
-        rc = PySet_Discard(handles, handle);
-    }
-    else {
-        PyObject *r = PyObject_CallMethodOneArg(handles, str_discard, handle);
-        rc = r == NULL ? -1 : 0;
-        Py_XDECREF(r);
-    }
-    Py_DECREF(handles);
-    if (rc < 0) {
+    int watching = is_true(runner->watch_idle);
+    if (watching < 0) {
         goto done;
+    }
+    if (watching) {
+        PyObject *handles = PyObject_GetAttr(runner->loop, str_timer_handles);
+        if (handles == NULL) {
+            goto done;
+        }
+        int rc;
+        if (PySet_CheckExact(handles)) {
+            rc = PySet_Discard(handles, handle);
+        }
+        else {
+            PyObject *r = PyObject_CallMethodOneArg(handles, str_discard, handle);
+            rc = r == NULL ? -1 : 0;
+            Py_XDECREF(r);
+        }
+        Py_DECREF(handles);
+        if (rc < 0) {
+            goto done;
+        }
     }
     if (handle != Py_None) {
         /* cancelled after it came due, before its turn (as in asyncio) */
@@ -1006,9 +1012,15 @@ loopmethod_schedule(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObjec
         }
         PyObject *stack[4] = {loop, args[1], (PyObject *)ev, runner->neutral};
         handle = PyObject_Vectorcall(m->base, stack, 3, kwnames_context);
+        int watching = handle == NULL ? 0 : is_true(runner->watch_idle);
+        if (watching < 0) {
+            Py_CLEAR(handle);
+        }
         if (handle != NULL) {
             ev->handle = Py_NewRef(handle);
-            /* self._dart_timer_handles.add(handle) */
+        }
+        if (handle != NULL && watching) {
+            /* if self._dart_watch_idle: self._dart_timer_handles.add(handle) */
             PyObject *handles = PyObject_GetAttr(loop, str_timer_handles);
             int rc = -1;
             if (handles != NULL) {

@@ -480,8 +480,13 @@ def test_uvloop_methods_check_like_the_pure_ones(path: str) -> None:
         with pytest.raises(TypeError):
             loop.call_later(1.0)  # type: ignore[call-arg]
         h = loop.call_later(10.0, print)
+        assert h not in loop._dart_timer_handles  # type: ignore[attr-defined]  # not an isolate's loop
+        h.cancel()
+        loop._dart_watch_idle = True  # type: ignore[attr-defined]  # as a spawned isolate's loop
+        h = loop.call_later(10.0, print)
         assert h in loop._dart_timer_handles  # type: ignore[attr-defined]
         h.cancel()
+        loop._dart_watch_idle = False  # type: ignore[attr-defined]
         handle = loop.call_soon(print, 1, 2)
         assert type(handle).__name__ == "Handle"
         handle.cancel()
@@ -797,10 +802,10 @@ MIRRORED = {
     "schedule_microtask": "303a44b42e9756d6",
     "_UVDartLoop._run_event": "ca677250b0c20477",
     "_UVDartLoop._run_timer_event": "00b33f051114bb54",
-    "_UVDartLoop._run_due_timer": "c26218eafddd1e00",
+    "_UVDartLoop._run_due_timer": "cb0c673b9d8ee4e3",
     "_UVDartLoop.call_soon": "ba7142835d333406",
     "_UVDartLoop.call_soon_threadsafe": "df13abcf335f8690",
-    "_UVDartLoop.call_later": "5a09e0988eefd801",
+    "_UVDartLoop.call_later": "0566a20e56a9dcc6",
     "_protocols._drained": "ae63bbf359714992",
 }
 
