@@ -315,14 +315,19 @@ class _IsolateState:
             # Sent before the relay existed (or by a thread that had not yet
             # seen it): older than anything of the same sender in the batch.
             self._drain_inbox()
+        get = registry.get
+        oob = self.oob
+        # As in _drain_inbox: whether messages must wait changes only when
+        # control actions are served.
+        waiting = self.resume_caps or self.held
         for port_id, value in batch:
             if port_id == relay_port:
                 core, value = relay_box.pop(value)
             else:
-                core = registry.get(port_id)
+                core = get(port_id)
                 if core is None or core.isolate is not self:
                     continue
-            if self.resume_caps or self.held:
+            if waiting:
                 self.hold(functools.partial(self._dispatch, core, value))
                 continue
             handler = core.handler
@@ -336,8 +341,9 @@ class _IsolateState:
                 loop._report_callback_error(exc, handler, (value,))
             if microtasks:
                 loop._run_pending_immediate_callback()
-            if self.oob:
+            if oob:
                 self.serve_control()
+                waiting = self.resume_caps or self.held
 
     def bind_native(self, core: _PortCore) -> None:
         from .ffi import _queue

@@ -916,7 +916,9 @@ if _uvloop is not None:
 
         def _dart_check_idle(self) -> None:
             """Called after events of a spawned isolate: probe when quiet."""
-            if not self._dart_probe_pending and not self._dart_sources_alive():
+            if self._keepalive > 0 or self._dart_probe_pending:
+                return  # the common case first: an open port keeps it alive
+            if not self._dart_sources_alive():
                 self._dart_probe_pending = True
                 super().call_soon(self._dart_probe, self._dart_events, context=self._neutral_ctx)
 
