@@ -21,12 +21,12 @@ whoever waits for it (``Isolate.run``, or the root isolate when it closes).
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import collections
 import ctypes
 import functools
 import inspect
-import _thread
 import itertools
 import sys
 import threading
@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ._errors import IsolateSpawnException, RemoteError, _IsolateKilled, _IsolateUnwind
-from ._loop import DartEventLoop, new_event_loop
+from ._loop import SPEEDUPS, DartEventLoop, new_event_loop
 from ._message import check_message, prepare_message
 from ._microtasks import running_dart_loop
 from ._ports import Capability, RawReceivePort, SendPort, _new_port_id, _PortCore
@@ -303,10 +303,6 @@ class _IsolateState:
         queue = self.native_queue
         if queue is None:
             return
-        loop = self.loop
-        microtasks = loop._microtasks
-        registry = _registry_ref()
-        relay_port, relay_box = self.relay_port, self.relay_box
         # At most ~1024 per call (the rest keeps the fd readable, so the loop
         # comes back after its other ready events): fair to them under a
         # flood from C, and the batch's objects stay in the CPU caches.
@@ -315,35 +311,12 @@ class _IsolateState:
             # Sent before the relay existed (or by a thread that had not yet
             # seen it): older than anything of the same sender in the batch.
             self._drain_inbox()
-        get = registry.get
-        oob = self.oob
-        # As in _drain_inbox: whether messages must wait changes only when
-        # control actions are served.
-        waiting = self.resume_caps or self.held
-        for port_id, value in batch:
-            if port_id == relay_port:
-                core, value = relay_box.pop(value)
-            else:
-                core = get(port_id)
-                if core is None or core.isolate is not self:
-                    continue
-            if waiting:
-                self.hold(functools.partial(self._dispatch, core, value))
-                continue
-            handler = core.handler
-            if handler is None:
-                continue
-            try:
-                handler(value)
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                loop._report_callback_error(exc, handler, (value,))
-            if microtasks:
-                loop._run_pending_immediate_callback()
-            if oob:
-                self.serve_control()
-                waiting = self.resume_caps or self.held
+        if batch:
+            dispatch = _speedups_dispatch_native if self.loop._dart_accelerated else _dispatch_native
+            dispatch(self, batch, _registry_ref())
+
+    def _hold_message(self, core: _PortCore, message: Any) -> None:
+        self.hold(functools.partial(self._dispatch, core, message))
 
     def bind_native(self, core: _PortCore) -> None:
         from .ffi import _queue
@@ -747,6 +720,52 @@ def _drop_dart_work(loop: DartEventLoop) -> None:
 
 async def _as_coroutine(awaitable: Any) -> Any:
     return await awaitable
+
+
+def _dispatch_native(state: _IsolateState, batch: list[tuple[int, Any]], registry: dict[int, _PortCore]) -> None:
+    """Dispatch a batch drained from the native queue; isolate thread.
+
+    Each message is its own turn: ``handler(message)``, then the drain.
+    Messages to closed ports are dropped; relay tickets (see
+    ``_IsolateState.relay``) are exchanged for their message. While the
+    isolate is paused, messages are held in order. ``_speedups.dispatch_native``
+    is the C version (kept in step: tests/test_speedups.py).
+    """
+    loop = state.loop
+    microtasks = loop._microtasks
+    relay_port, relay_box = state.relay_port, state.relay_box
+    get = registry.get
+    oob = state.oob
+    # As in _drain_inbox: whether messages must wait changes only when
+    # control actions are served.
+    waiting = state.resume_caps or state.held
+    for port_id, value in batch:
+        if port_id == relay_port:
+            core, value = relay_box.pop(value)
+        else:
+            core = get(port_id)
+            if core is None or core.isolate is not state:
+                continue
+        if waiting:
+            state._hold_message(core, value)
+            continue
+        handler = core.handler
+        if handler is None:
+            continue
+        try:
+            handler(value)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            loop._report_callback_error(exc, handler, (value,))
+        if microtasks:
+            loop._run_pending_immediate_callback()
+        if oob:
+            state.serve_control()
+            waiting = state.resume_caps or state.held
+
+
+_speedups_dispatch_native: Callable[..., None] = getattr(SPEEDUPS, "dispatch_native", _dispatch_native)
 
 
 def _registry_ref() -> dict[int, _PortCore]:

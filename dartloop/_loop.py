@@ -103,6 +103,10 @@ class DartEventLoop(asyncio.AbstractEventLoop):
     _isolate: _IsolateState | None
     _dart_timers: _TimerQueue | None
 
+    # True for the classes whose hot paths are in dartloop/_speedups.c; the
+    # isolate then dispatches native batches with the C loop too.
+    _dart_accelerated = False
+
     def _dart_setup(self, strict: bool) -> None:
         self.strict = strict
         self._microtasks = collections.deque()
@@ -953,6 +957,8 @@ else:  # pragma: no cover
 #   _UVDartLoop._run_event / _run_timer_event / _run_due_timer -> EventRunner / TimerEvent
 #   DartEventLoop._dart_keep_while_unwinding       -> called by EventRunner
 #   _UVDartLoop.call_soon / call_soon_threadsafe / call_later -> LoopMethod(...)
+#   dartloop._isolate._dispatch_native            -> dispatch_native (isolates of
+#                                                    these classes, _dart_accelerated)
 # A LoopMethod falls back to the Python method in debug mode.
 
 _ACCELERATED: dict[type[DartEventLoop], type[DartEventLoop]] = {}
@@ -963,6 +969,7 @@ if SPEEDUPS is not None:
         """``_AsyncioDartLoop`` with the microtask drain in C."""
 
         __slots__ = ()
+        _dart_accelerated = True
         _run_pending_immediate_callback = SPEEDUPS.LoopMethod("drain", DartEventLoop._run_pending_immediate_callback)
 
     _ACCELERATED[_AsyncioDartLoop] = _AsyncioDartLoopC
@@ -1005,6 +1012,7 @@ if SPEEDUPS is not None:
                 self._dart_run_event = _closed_loop_runner
                 self._dart_runner.release()
 
+            _dart_accelerated = True
             _dart_events = _runner_field("events")
             _dart_debug = _runner_field("debug")
             _dart_oob = _runner_field("oob")

@@ -1,7 +1,7 @@
 /*
  * dartloop._speedups: optional C versions of the event loop's hot paths.
  *
- * The pure-Python code in dartloop/_loop.py and dartloop/_microtasks.py is the
+ * The pure-Python code in dartloop/_loop.py, _microtasks.py and _isolate.py is the
  * reference implementation; everything here does exactly what the Python
  * method it stands for does, only without a Python frame per event or per
  * microtask.  When this module is missing (not built, or
@@ -10,14 +10,17 @@
  *
  *   drain(loop)              DartEventLoop._run_pending_immediate_callback
  *   EventRunner(loop)        _UVDartLoop._run_event
- *   TimerEvent               _UVDartLoop._run_timer_event, one per timer
- *                            (made by the C call_later)
+ *   TimerEvent               _UVDartLoop._run_timer_event and _run_due_timer,
+ *                            one per timer (made by the C call_later)
  *   LoopMethod(kind, ...)    a method descriptor for the accelerated loop
  *                            classes: call_soon / call_soon_threadsafe /
  *                            call_later of the uvloop backend, and the drain;
  *                            and ("drained") for the uvloop backend's protocol
  *                            proxies: dartloop._protocols._drained
  *   schedule_microtask(cb, *args)   dartloop.schedule_microtask
+ *   dispatch_native(state, batch, registry)
+ *                            dartloop._isolate._dispatch_native (used by the
+ *                            accelerated loop classes' isolates)
  *
  * Keep in sync: if one of the Python methods above changes, change its C
  * counterpart here (tests/test_speedups.py fails until the recorded hash of
@@ -48,7 +51,9 @@ static PyObject *str_context, *str_run, *str_microtasks, *str_neutral_ctx,
     *str_message, *str_exception, *str_isolate, *str_serve_control,
     *str_check_idle, *str_timer_handles, *str_discard, *str_add,
     *str_popleft, *str_run_pending, *str_mt_append, *str_runner,
-    *str_keep_unwinding, *str_exc_in_microtask;
+    *str_keep_unwinding, *str_exc_in_microtask, *str_loop, *str_relay_port,
+    *str_relay_box, *str_oob, *str_resume_caps, *str_held, *str_hold_message,
+    *str_pop, *str_isolate_attr, *str_handler;
 
 /* Lazily imported from dartloop (which imports this module first). */
 static PyObject *format_callback; /* dartloop._loop._format_callback */
@@ -1443,10 +1448,209 @@ speedups_schedule_microtask(PyObject *module, PyObject *const *args, Py_ssize_t 
 }
 
 /* ----------------------------------------------------------------------- */
+/* dispatch_native: dartloop._isolate._dispatch_native                     */
+
+/* bool(state.resume_caps) or bool(state.held) */
+static int
+isolate_waiting(PyObject *state)
+{
+    PyObject *o = PyObject_GetAttr(state, str_resume_caps);
+    if (o == NULL) {
+        return -1;
+    }
+    int t = PyObject_IsTrue(o);
+    Py_DECREF(o);
+    if (t != 0) {
+        return t;
+    }
+    o = PyObject_GetAttr(state, str_held);
+    if (o == NULL) {
+        return -1;
+    }
+    t = PyObject_IsTrue(o);
+    Py_DECREF(o);
+    return t;
+}
+
+/* One message: `handler(value)`, an exception reported as the Python loop
+ * does (`loop._report_callback_error(exc, handler, (value,))`), then the
+ * drain if microtasks are queued.  0, or -1 with an exception set. */
+static int
+dispatch_one(PyObject *loop, PyObject *microtasks, PyObject *handler, PyObject *value)
+{
+    PyObject *res = PyObject_Vectorcall(handler, &value, 1, NULL);
+    if (res != NULL) {
+        Py_DECREF(res);
+    }
+    else {
+        if (must_propagate()) {
+            return -1;
+        }
+        PyObject *exc = fetch_exception();
+        PyObject *cbargs = PyTuple_Pack(1, value);
+        if (cbargs == NULL) {
+            Py_XDECREF(exc);
+            return -1;
+        }
+        PyObject *handled = PyErr_GetHandledException();
+        PyErr_SetHandledException(exc);
+        res = PyObject_CallMethodObjArgs(loop, str_report_callback_error, exc, handler, cbargs, NULL);
+        PyErr_SetHandledException(handled);
+        Py_XDECREF(handled);
+        Py_DECREF(cbargs);
+        Py_XDECREF(exc);
+        if (res == NULL) {
+            return -1;
+        }
+        Py_DECREF(res);
+    }
+    int t = is_true(microtasks);
+    if (t < 0) {
+        return -1;
+    }
+    if (t) {
+        res = PyObject_CallMethodNoArgs(loop, str_run_pending);
+        if (res == NULL) {
+            return -1;
+        }
+        Py_DECREF(res);
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(dispatch_native_doc,
+"dispatch_native(state, batch, registry)\n--\n\n"
+"The C version of dartloop._isolate._dispatch_native: dispatch a batch\n"
+"drained from an isolate's native queue, each message its own turn.");
+
+static PyObject *
+speedups_dispatch_native(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyList_CheckExact(args[1]) || !PyDict_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "dispatch_native(state, batch: list, registry: dict)");
+        return NULL;
+    }
+    PyObject *state = args[0], *batch = args[1], *registry = args[2];
+    PyObject *loop = NULL, *microtasks = NULL, *relay_port = NULL, *relay_box = NULL, *oob = NULL;
+    PyObject *result = NULL;
+    Py_INCREF(batch); /* a handler can't take it away from us */
+    if ((loop = PyObject_GetAttr(state, str_loop)) == NULL ||
+        (microtasks = PyObject_GetAttr(loop, str_microtasks)) == NULL ||
+        (relay_port = PyObject_GetAttr(state, str_relay_port)) == NULL ||
+        (relay_box = PyObject_GetAttr(state, str_relay_box)) == NULL ||
+        (oob = PyObject_GetAttr(state, str_oob)) == NULL) {
+        goto done;
+    }
+    int waiting = isolate_waiting(state);
+    if (waiting < 0) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
+        PyObject *item = PyList_GET_ITEM(batch, i);
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2) {
+            PyErr_SetString(PyExc_TypeError, "dispatch_native: batch items must be (port, value) tuples");
+            goto done;
+        }
+        PyObject *port = PyTuple_GET_ITEM(item, 0);
+        PyObject *core, *value;
+        int is_relay = PyObject_RichCompareBool(port, relay_port, Py_EQ);
+        if (is_relay < 0) {
+            goto done;
+        }
+        if (is_relay) {
+            /* core, value = relay_box.pop(value) */
+            PyObject *pair = PyObject_CallMethodOneArg(relay_box, str_pop, PyTuple_GET_ITEM(item, 1));
+            if (pair == NULL) {
+                goto done;
+            }
+            if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+                Py_DECREF(pair);
+                PyErr_SetString(PyExc_TypeError, "dispatch_native: a relay entry must be a (core, message) tuple");
+                goto done;
+            }
+            core = Py_NewRef(PyTuple_GET_ITEM(pair, 0));
+            value = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
+            Py_DECREF(pair);
+        }
+        else {
+            core = PyDict_GetItemWithError(registry, port);
+            if (core == NULL) {
+                if (PyErr_Occurred()) {
+                    goto done;
+                }
+                continue;
+            }
+            Py_INCREF(core);
+            PyObject *owner = PyObject_GetAttr(core, str_isolate_attr);
+            if (owner == NULL) {
+                Py_DECREF(core);
+                goto done;
+            }
+            Py_DECREF(owner); /* only its identity is compared */
+            if (owner != state) {
+                Py_DECREF(core);
+                continue;
+            }
+            value = Py_NewRef(PyTuple_GET_ITEM(item, 1));
+        }
+        int rc = 0;
+        if (waiting) {
+            PyObject *r = PyObject_CallMethodObjArgs(state, str_hold_message, core, value, NULL);
+            rc = r == NULL ? -1 : 0;
+            Py_XDECREF(r);
+        }
+        else {
+            PyObject *handler = PyObject_GetAttr(core, str_handler);
+            if (handler == NULL) {
+                rc = -1;
+            }
+            else {
+                if (handler != Py_None) {
+                    rc = dispatch_one(loop, microtasks, handler, value);
+                    if (rc == 0) {
+                        int t = is_true(oob);
+                        if (t < 0) {
+                            rc = -1;
+                        }
+                        else if (t) {
+                            PyObject *r = PyObject_CallMethodNoArgs(state, str_serve_control);
+                            if (r == NULL) {
+                                rc = -1;
+                            }
+                            else {
+                                Py_DECREF(r);
+                                waiting = isolate_waiting(state);
+                                rc = waiting < 0 ? -1 : 0;
+                            }
+                        }
+                    }
+                }
+                Py_DECREF(handler);
+            }
+        }
+        Py_DECREF(core);
+        Py_DECREF(value);
+        if (rc < 0) {
+            goto done;
+        }
+    }
+    result = Py_NewRef(Py_None);
+done:
+    Py_DECREF(batch);
+    Py_XDECREF(loop);
+    Py_XDECREF(microtasks);
+    Py_XDECREF(relay_port);
+    Py_XDECREF(relay_box);
+    Py_XDECREF(oob);
+    return result;
+}
+
+/* ----------------------------------------------------------------------- */
 /* Module                                                                  */
 
 static PyMethodDef speedups_methods[] = {
     {"drain", (PyCFunction)speedups_drain, METH_O, drain_doc},
+    {"dispatch_native", (PyCFunction)(void (*)(void))speedups_dispatch_native, METH_FASTCALL, dispatch_native_doc},
     {"schedule_microtask", (PyCFunction)(void (*)(void))speedups_schedule_microtask,
      METH_FASTCALL | METH_KEYWORDS, schedule_microtask_doc},
     {NULL},
@@ -1506,6 +1710,11 @@ PyInit__speedups(void)
         intern(&str_mt_append, "_mt_append") < 0 || intern(&str_runner, "_dart_runner") < 0 ||
         intern(&str_keep_unwinding, "_dart_keep_while_unwinding") < 0 ||
         intern(&str_call_soon, "call_soon") < 0 || intern(&str_cancelled, "cancelled") < 0 ||
+        intern(&str_loop, "loop") < 0 || intern(&str_relay_port, "relay_port") < 0 ||
+        intern(&str_relay_box, "relay_box") < 0 || intern(&str_oob, "oob") < 0 ||
+        intern(&str_resume_caps, "resume_caps") < 0 || intern(&str_held, "held") < 0 ||
+        intern(&str_hold_message, "_hold_message") < 0 || intern(&str_pop, "pop") < 0 ||
+        intern(&str_isolate_attr, "isolate") < 0 || intern(&str_handler, "handler") < 0 ||
         intern(&str_target, "_dartloop_target") < 0 || intern(&str_proxy_loop, "_dartloop_loop") < 0) {
         return NULL;
     }

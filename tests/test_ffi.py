@@ -950,6 +950,48 @@ async def test_per_sender_order_holds_while_the_isolate_gets_its_native_queue() 
         assert [i for s, i in got if s == k] == list(range(count)), f"sender {k}"
 
 
+@pytest.mark.parametrize("dispatcher", ["c", "python"])
+async def test_native_batches_dispatch_alike_in_c_and_python(dispatcher: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """C posts and relayed sends from one thread, each its own turn (handler,
+    then its microtask), in order, with either dispatch loop."""
+    from dartloop import _isolate
+
+    loop = asyncio.get_running_loop()
+    if dispatcher == "python":
+        monkeypatch.setattr(_isolate, "_speedups_dispatch_native", _isolate._dispatch_native)
+    elif not loop._dart_accelerated or _isolate._speedups_dispatch_native is _isolate._dispatch_native:  # type: ignore[attr-defined]
+        pytest.skip("the C dispatch loop is not in use")
+    log: list[object] = []
+    done = loop.create_future()
+
+    def on_message(message: object) -> None:
+        log.append(message)
+        schedule_microtask(log.append, f"mt {message}")
+        if message == "end":
+            schedule_microtask(done.set_result, None)
+
+    port = RawReceivePort(on_message)
+    number = port.send_port.native_port
+    api = native_api()
+
+    def sender() -> None:
+        for i in range(200):
+            if i % 2:
+                port.send_port.send(i)  # through the relay
+            else:
+                assert api.post_int64(number, i)
+        port.send_port.send("end")
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    try:
+        await done
+    finally:
+        thread.join()
+    port.close()
+    assert log == [x for i in [*range(200), "end"] for x in (i, f"mt {i}")]
+
+
 async def test_sends_still_arrive_after_the_last_native_port_closes() -> None:
     native = RawReceivePort()
     assert native.send_port.native_port > 0

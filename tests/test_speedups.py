@@ -584,7 +584,7 @@ def test_uvloop_post_event_hooks(path: str) -> None:
 
 
 def _proxy_classes() -> list[Any]:
-    from dartloop import _protocols
+    from dartloop import _isolate, _protocols
 
     def make(method: Any) -> type:
         return type("Proxy", (_protocols._ProxyBase, asyncio.Protocol), {"__slots__": (), "data_received": method})
@@ -807,16 +807,18 @@ MIRRORED = {
     "_UVDartLoop.call_soon_threadsafe": "df13abcf335f8690",
     "_UVDartLoop.call_later": "0566a20e56a9dcc6",
     "_protocols._drained": "ae63bbf359714992",
+    "_isolate._dispatch_native": "99b841ead1470b51",
 }
 
 
 def _mirrored_functions() -> dict[str, Callable[..., Any]]:
-    from dartloop import _protocols
+    from dartloop import _isolate, _protocols
 
     out: dict[str, Callable[..., Any]] = {
         "DartEventLoop._run_pending_immediate_callback": _loop.DartEventLoop._run_pending_immediate_callback,
         "schedule_microtask": _microtasks._schedule_microtask_py,
         "_protocols._drained": _protocols._drained_py,
+        "_isolate._dispatch_native": _isolate._dispatch_native,
     }
     if _loop._UVDartLoop is not None:
         for name in ("_run_event", "_run_timer_event", "_run_due_timer", "call_soon", "call_soon_threadsafe", "call_later"):
