@@ -119,6 +119,23 @@ is_true(PyObject *o)
     return PyObject_IsTrue(o);
 }
 
+/* loop._report_callback_error(exc, callback, cbargs), run with `exc` as the
+ * exception being handled (as inside `except ... as exc`); 0 or -1. */
+static int
+report_callback_error(PyObject *loop, PyObject *exc, PyObject *callback, PyObject *cbargs)
+{
+    PyObject *handled = PyErr_GetHandledException();
+    PyErr_SetHandledException(exc);
+    PyObject *res = PyObject_CallMethodObjArgs(loop, str_report_callback_error, exc, callback, cbargs, NULL);
+    PyErr_SetHandledException(handled);
+    Py_XDECREF(handled);
+    if (res == NULL) {
+        return -1;
+    }
+    Py_DECREF(res);
+    return 0;
+}
+
 /* ----------------------------------------------------------------------- */
 /* The drain: DartEventLoop._run_pending_immediate_callback                */
 
@@ -489,17 +506,12 @@ run_event(EventRunner *self, PyObject *const *args, Py_ssize_t nargs)
         for (Py_ssize_t i = 2; i < nargs; i++) {
             PyTuple_SET_ITEM(cbargs, i - 2, Py_NewRef(args[i]));
         }
-        PyObject *handled = PyErr_GetHandledException();
-        PyErr_SetHandledException(exc);
-        res = PyObject_CallMethodObjArgs(loop, str_report_callback_error, exc, callback, cbargs, NULL);
-        PyErr_SetHandledException(handled);
-        Py_XDECREF(handled);
+        int rc = report_callback_error(loop, exc, callback, cbargs);
         Py_DECREF(cbargs);
         Py_XDECREF(exc);
-        if (res == NULL) {
+        if (rc < 0) {
             goto error;
         }
-        Py_DECREF(res);
     }
     /* if self._microtasks: self._run_pending_immediate_callback() */
     int t = is_true(self->microtasks);
@@ -733,6 +745,27 @@ typedef struct {
 } TimerEvent;
 
 static PyObject *uv_call_soon; /* uvloop.Loop.call_soon, lazily */
+
+/* loop._dart_timer_handles.add(handle) (add) or .discard(handle); 0 or -1. */
+static int
+timer_handles_update(PyObject *loop, PyObject *handle, int add)
+{
+    PyObject *handles = PyObject_GetAttr(loop, str_timer_handles);
+    if (handles == NULL) {
+        return -1;
+    }
+    int rc;
+    if (PySet_CheckExact(handles)) {
+        rc = add ? PySet_Add(handles, handle) : PySet_Discard(handles, handle);
+    }
+    else {
+        PyObject *r = PyObject_CallMethodOneArg(handles, add ? str_add : str_discard, handle);
+        rc = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+    }
+    Py_DECREF(handles);
+    return rc < 0 ? -1 : 0;
+}
 static PyObject *str_call_soon, *str_cancelled;
 
 static PyObject *
@@ -777,24 +810,8 @@ timer_event_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject
     if (watching < 0) {
         goto done;
     }
-    if (watching) {
-        PyObject *handles = PyObject_GetAttr(runner->loop, str_timer_handles);
-        if (handles == NULL) {
-            goto done;
-        }
-        int rc;
-        if (PySet_CheckExact(handles)) {
-            rc = PySet_Discard(handles, handle);
-        }
-        else {
-            PyObject *r = PyObject_CallMethodOneArg(handles, str_discard, handle);
-            rc = r == NULL ? -1 : 0;
-            Py_XDECREF(r);
-        }
-        Py_DECREF(handles);
-        if (rc < 0) {
-            goto done;
-        }
+    if (watching && timer_handles_update(runner->loop, handle, 0) < 0) {
+        goto done;
     }
     if (handle != Py_None) {
         /* cancelled after it came due, before its turn (as in asyncio) */
@@ -1024,24 +1041,9 @@ loopmethod_schedule(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObjec
         if (handle != NULL) {
             ev->handle = Py_NewRef(handle);
         }
-        if (handle != NULL && watching) {
-            /* if self._dart_watch_idle: self._dart_timer_handles.add(handle) */
-            PyObject *handles = PyObject_GetAttr(loop, str_timer_handles);
-            int rc = -1;
-            if (handles != NULL) {
-                if (PySet_CheckExact(handles)) {
-                    rc = PySet_Add(handles, handle);
-                }
-                else {
-                    PyObject *r = PyObject_CallMethodOneArg(handles, str_add, handle);
-                    rc = r == NULL ? -1 : 0;
-                    Py_XDECREF(r);
-                }
-                Py_DECREF(handles);
-            }
-            if (rc < 0) {
-                Py_CLEAR(handle);
-            }
+        /* if self._dart_watch_idle: self._dart_timer_handles.add(handle) */
+        if (handle != NULL && watching && timer_handles_update(loop, handle, 1) < 0) {
+            Py_CLEAR(handle);
         }
         Py_DECREF(ev);
     }
@@ -1492,17 +1494,12 @@ dispatch_one(PyObject *loop, PyObject *microtasks, PyObject *handler, PyObject *
             Py_XDECREF(exc);
             return -1;
         }
-        PyObject *handled = PyErr_GetHandledException();
-        PyErr_SetHandledException(exc);
-        res = PyObject_CallMethodObjArgs(loop, str_report_callback_error, exc, handler, cbargs, NULL);
-        PyErr_SetHandledException(handled);
-        Py_XDECREF(handled);
+        int rc = report_callback_error(loop, exc, handler, cbargs);
         Py_DECREF(cbargs);
         Py_XDECREF(exc);
-        if (res == NULL) {
+        if (rc < 0) {
             return -1;
         }
-        Py_DECREF(res);
     }
     int t = is_true(microtasks);
     if (t < 0) {
