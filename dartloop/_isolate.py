@@ -158,6 +158,7 @@ class _IsolateState:
         self.relay_port = 0
         self.relay_box: dict[int, tuple[_PortCore, Any]] = {}
         self._relay_tickets = itertools.count()
+        self._relay_post: Callable[[int, int], bool] | None = None  # the queue module's post_int64
         self.pause_capability = Capability()
         self.terminate_capability = Capability()
         self.lock = threading.Lock()
@@ -232,11 +233,12 @@ class _IsolateState:
         False when the queue is gone (the isolate ended): the caller then
         falls back on the inbox, which drops it as a dead isolate's.
         """
-        from .ffi._queue import post_int64
-
+        post = self._relay_post
+        if post is None:
+            return False
         ticket = next(self._relay_tickets)  # atomic under the GIL
         self.relay_box[ticket] = (core, message)
-        if post_int64(self.relay_port, ticket):
+        if post(self.relay_port, ticket):
             return True
         self.relay_box.pop(ticket, None)
         return False
@@ -328,6 +330,7 @@ class _IsolateState:
                 self.native_queue = _queue.NativeQueue()
                 relay_port = _new_port_id()
                 _queue.bind_port(relay_port, self.native_queue)
+                self._relay_post = _queue.post_int64
                 self.relay_port = relay_port
                 self.loop.call_soon_threadsafe(self._watch_native)
             _queue.bind_port(core.id, self.native_queue)
