@@ -87,6 +87,10 @@ def _unraisable_hook(unraisable: Any) -> None:
     (_previous_unraisablehook or sys.__unraisablehook__)(unraisable)
 
 
+def _no_relay(port: int, ticket: int) -> bool:
+    return False  # no native queue (yet): the caller uses the inbox
+
+
 def _interrupt_again(state: _IsolateState) -> None:
     time.sleep(0.001)
     state._interrupt()
@@ -158,7 +162,7 @@ class _IsolateState:
         self.relay_port = 0
         self.relay_box: dict[int, tuple[_PortCore, Any]] = {}
         self._relay_tickets = itertools.count()
-        self._relay_post: Callable[[int, int], bool] | None = None  # the queue module's post_int64
+        self._relay_post: Callable[[int, int], bool] = _no_relay  # the queue module's post_int64 once bound
         self.pause_capability = Capability()
         self.terminate_capability = Capability()
         self.lock = threading.Lock()
@@ -233,12 +237,9 @@ class _IsolateState:
         False when the queue is gone (the isolate ended): the caller then
         falls back on the inbox, which drops it as a dead isolate's.
         """
-        post = self._relay_post
-        if post is None:
-            return False
         ticket = next(self._relay_tickets)  # atomic under the GIL
         self.relay_box[ticket] = (core, message)
-        if post(self.relay_port, ticket):
+        if self._relay_post(self.relay_port, ticket):
             return True
         self.relay_box.pop(ticket, None)
         return False

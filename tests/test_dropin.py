@@ -17,6 +17,7 @@ import socket
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -644,47 +645,45 @@ def test_loop_methods_match_stock_on_errors() -> None:
     assert assert_all_equal(run_everywhere(main)) == ["ok"]
 
 
+def _log_after(first: Callable[[asyncio.AbstractEventLoop, list[str]], None]) -> dict[str, list[str]]:
+    """Run ``first(loop, log)`` as an event, then wait 20 ms; ``{kind: log}`` on
+    every loop kind but stock uvloop (libuv runs due timers first)."""
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        log: list[str] = []
+        done = loop.create_future()
+
+        def event() -> None:
+            first(loop, log)
+            loop.call_later(0.02, done.set_result, None)
+
+        loop.call_soon(event)
+        await done
+        return log
+
+    return run_everywhere(main, tuple(k for k in LOOP_KINDS if k != "uvloop"))
+
+
 def test_a_due_timer_runs_after_the_callbacks_queued_before_it() -> None:
     """asyncio's order (and Dart's: a due timer's wake-up joins the tail of the
     queue) on every dartloop backend; stock uvloop runs due timers first."""
 
-    async def main() -> list[str]:
-        loop = asyncio.get_running_loop()
-        log: list[str] = []
-        done = loop.create_future()
+    def first(loop: asyncio.AbstractEventLoop, log: list[str]) -> None:
+        loop.call_later(0.001, log.append, "timer")
+        loop.call_soon(log.append, "call_soon")
+        busy_wait(0.005)  # the timer is due before the loop looks again
 
-        def first() -> None:
-            loop.call_later(0.001, log.append, "timer")
-            loop.call_soon(log.append, "call_soon")
-            busy_wait(0.005)  # the timer is due before the loop looks again
-            loop.call_later(0.02, done.set_result, None)
-
-        loop.call_soon(first)
-        await done
-        return log
-
-    kinds = tuple(k for k in LOOP_KINDS if k != "uvloop")
-    assert assert_all_equal(run_everywhere(main, kinds)) == ["call_soon", "timer"]
+    assert assert_all_equal(_log_after(first)) == ["call_soon", "timer"]
 
 
 def test_a_timer_cancelled_after_it_came_due_does_not_run() -> None:
-    async def main() -> list[str]:
-        loop = asyncio.get_running_loop()
-        log: list[str] = []
-        done = loop.create_future()
+    def first(loop: asyncio.AbstractEventLoop, log: list[str]) -> None:
+        handle = loop.call_later(0.001, log.append, "timer")
+        loop.call_soon(handle.cancel)  # queued before the timer's turn
+        busy_wait(0.005)
 
-        def first() -> None:
-            handle = loop.call_later(0.001, log.append, "timer")
-            loop.call_soon(handle.cancel)  # queued before the timer's turn
-            busy_wait(0.005)
-            loop.call_later(0.02, done.set_result, None)
-
-        loop.call_soon(first)
-        await done
-        return log
-
-    kinds = tuple(k for k in LOOP_KINDS if k != "uvloop")
-    assert assert_all_equal(run_everywhere(main, kinds)) == []
+    assert assert_all_equal(_log_after(first)) == []
 
 
 def test_exception_in_callback_reaches_handler_everywhere() -> None:

@@ -485,6 +485,26 @@ nq_shard_remove_slot(nq_shard *s, nq_slot *sl)
 
 /* Queues one message: a record, followed for NQ_CALL by the call's nargs
  * arguments.  On false the caller still owns any blob in u or args. */
+/* A port argument from Python: an int that fits in int64 and is positive.
+ * 0, or -1 with TypeError / OverflowError / ValueError set. */
+static int
+nq_port_arg(PyObject *o, long long *port)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_SetString(PyExc_TypeError, "port must be an int");
+        return -1;
+    }
+    *port = PyLong_AsLongLong(o);
+    if (*port == -1 && PyErr_Occurred()) {
+        return -1;  /* OverflowError: not an int64 */
+    }
+    if (*port <= 0) {
+        PyErr_Format(PyExc_ValueError, "port must be positive, not %lld", *port);
+        return -1;
+    }
+    return 0;
+}
+
 static inline bool
 nq_post_message(int64_t port, int32_t type, nq_payload u, const nq_arg *args, uint32_t nargs, uint32_t nrec)
 {
@@ -890,16 +910,8 @@ nq_make_listener_closure(PyObject *Py_UNUSED(module), PyObject *const *args, Py_
         PyErr_Format(PyExc_TypeError, "make_listener_closure() takes 2 arguments (%zd given)", nargs);
         return NULL;
     }
-    if (!PyLong_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "port must be an int");
-        return NULL;
-    }
-    long long port = PyLong_AsLongLong(args[0]);
-    if (port == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (port <= 0) {
-        PyErr_Format(PyExc_ValueError, "port must be positive, not %lld", port);
+    long long port;
+    if (nq_port_arg(args[0], &port) < 0) {
         return NULL;
     }
     if (!PyUnicode_Check(args[1])) {
@@ -1564,16 +1576,8 @@ nq_bind_port(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
         PyErr_Format(PyExc_TypeError, "bind_port() takes 2 arguments (%zd given)", nargs);
         return NULL;
     }
-    if (!PyLong_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "port must be an int");
-        return NULL;
-    }
-    long long port = PyLong_AsLongLong(args[0]);
-    if (port == -1 && PyErr_Occurred()) {
-        return NULL;  /* OverflowError: not an int64 */
-    }
-    if (port <= 0) {
-        PyErr_Format(PyExc_ValueError, "port must be positive, not %lld", port);
+    long long port;
+    if (nq_port_arg(args[0], &port) < 0) {
         return NULL;
     }
     if (!PyObject_TypeCheck(args[1], &NativeQueue_Type)) {
