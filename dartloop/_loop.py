@@ -60,6 +60,9 @@ if os.environ.get("DARTLOOP_NO_EXTENSIONS") != "1":
         from . import _speedups as SPEEDUPS
     except ImportError:
         pass
+    else:
+        # asyncio forgets its running loop in a forked child; so does the C side.
+        os.register_at_fork(after_in_child=SPEEDUPS.clear_thread_loop)
 
 _Future = asyncio.Future
 _MAXIMUM_SELECT_TIMEOUT = 24 * 3600
@@ -221,7 +224,17 @@ class DartEventLoop(asyncio.AbstractEventLoop):
 
             _attach_root(self)
         self._dart_thread_id = threading.get_ident()
-        super().run_forever()  # type: ignore[safe-super]
+        speedups = SPEEDUPS
+        if speedups is None:
+            super().run_forever()  # type: ignore[safe-super]
+            return
+        # The C schedule_microtask finds the running loop through this
+        # thread-local instead of asking asyncio (a getpid() call on 3.11).
+        previous = speedups.set_thread_loop(self)
+        try:
+            super().run_forever()  # type: ignore[safe-super]
+        finally:
+            speedups.set_thread_loop(previous)
 
     def run_in_executor(self, executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         # A pending executor job keeps a spawned isolate alive.

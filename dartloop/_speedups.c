@@ -1329,48 +1329,75 @@ static PyTypeObject LoopMethod_Type = {
 /* ----------------------------------------------------------------------- */
 /* schedule_microtask                                                      */
 
-/* loop._mt_append of the loop that scheduled last, and a weak reference to
- * that loop: a dead loop's weakref no longer matches, so a new loop at the
- * same address can't pick up the old queue. (_mt_append is bound once, in
- * DartEventLoop._dart_setup, and never reassigned.) */
-static PyObject *last_mt_loop;   /* weakref to the loop */
-static PyObject *last_mt_append; /* its _mt_append */
+/* The dartloop loop whose run_forever() is running in this thread, and its
+ * _mt_append, set by set_thread_loop() for the length of the run.  Python
+ * 3.11's _get_running_loop() makes a getpid() system call on every call (its
+ * fork check), which cost schedule_microtask a third of its time there; a
+ * thread-local is free.  The loop reference is borrowed (run_forever's `self`
+ * holds it for as long as it is set); _mt_append is bound once, in
+ * DartEventLoop._dart_setup, and never reassigned.  A forked child clears it
+ * (dartloop/_loop.py registers clear_thread_loop with os.register_at_fork), as
+ * asyncio forgets its running loop there.  Outside a run, schedule_microtask
+ * asks asyncio, so it raises the same errors as the pure function. */
+static _Thread_local PyObject *thread_loop;
+static _Thread_local PyObject *thread_mt_append; /* strong */
 
+/* Make `loop` (or nobody, for None) this thread's running dartloop loop;
+ * returns the previous one (None if none), for run_forever to restore. */
 static PyObject *
-loop_mt_append(PyObject *loop)
+speedups_set_thread_loop(PyObject *module, PyObject *loop)
 {
-#ifndef Py_GIL_DISABLED
-    if (last_mt_loop != NULL) {
-        PyObject *cached;
-#if PY_VERSION_HEX >= 0x030D0000
-        if (PyWeakref_GetRef(last_mt_loop, &cached) < 0) {
+    PyObject *append = NULL;
+    if (loop != Py_None) {
+        append = PyObject_GetAttr(loop, str_mt_append);
+        if (append == NULL) {
             return NULL;
         }
-        Py_XDECREF(cached); /* only its identity is used */
-#else
-        cached = PyWeakref_GET_OBJECT(last_mt_loop);
-#endif
-        /* A dead weakref gives None, and so does _get_running_loop()
-         * outside a loop: never take None for a match. */
-        if (cached == loop && loop != Py_None) {
-            return Py_NewRef(last_mt_append);
-        }
     }
-#endif
-    PyObject *append = PyObject_GetAttr(loop, str_mt_append);
-    if (append == NULL) {
+    PyObject *previous = Py_NewRef(thread_loop != NULL ? thread_loop : Py_None);
+    Py_XSETREF(thread_mt_append, append);
+    thread_loop = loop != Py_None ? loop : NULL;
+    return previous;
+}
+
+PyDoc_STRVAR(set_thread_loop_doc,
+"set_thread_loop(loop)\n--\n\n"
+"Mark loop (None: no loop) as the dartloop loop running in this thread\n"
+"and return the previous one; DartEventLoop.run_forever calls it around\n"
+"the run. Thread: the one that runs the loop.");
+
+static PyObject *
+speedups_clear_thread_loop(PyObject *module, PyObject *unused)
+{
+    thread_loop = NULL;
+    Py_CLEAR(thread_mt_append);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(clear_thread_loop_doc,
+"clear_thread_loop()\n--\n\n"
+"Forget this thread's running dartloop loop (in a forked child).");
+
+/* The running loop's _mt_append (a new reference), or NULL with AttributeError
+ * set when the running loop is not a dartloop loop (`*loop_out` is then that
+ * loop, a new reference, else NULL). */
+static PyObject *
+running_mt_append(PyObject **loop_out)
+{
+    *loop_out = NULL;
+    if (thread_loop != NULL) {
+        return Py_NewRef(thread_mt_append);
+    }
+    PyObject *loop = PyObject_Vectorcall(get_running_loop, NULL, 0, NULL);
+    if (loop == NULL) {
         return NULL;
     }
-#ifndef Py_GIL_DISABLED
-    PyObject *ref = PyWeakref_NewRef(loop, NULL);
-    if (ref == NULL) {
-        PyErr_Clear(); /* not weak-referenceable: no cache */
+    PyObject *append = PyObject_GetAttr(loop, str_mt_append);
+    if (append == NULL) {
+        *loop_out = loop;
+        return NULL;
     }
-    else {
-        Py_XSETREF(last_mt_loop, ref);
-        Py_XSETREF(last_mt_append, Py_NewRef(append));
-    }
-#endif
+    Py_DECREF(loop);
     return append;
 }
 
@@ -1392,14 +1419,11 @@ speedups_schedule_microtask(PyObject *module, PyObject *const *args, Py_ssize_t 
                         "schedule_microtask() missing 1 required positional argument: 'callback'");
         return NULL;
     }
-    PyObject *loop = PyObject_Vectorcall(get_running_loop, NULL, 0, NULL);
-    if (loop == NULL) {
-        return NULL;
-    }
-    PyObject *append = loop_mt_append(loop);
+    PyObject *loop;
+    PyObject *append = running_mt_append(&loop);
     if (append == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            Py_DECREF(loop);
+        if (loop == NULL || !PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            Py_XDECREF(loop);
             return NULL;
         }
         /* raise _no_loop("schedule_microtask()", loop) from None */
@@ -1417,7 +1441,6 @@ speedups_schedule_microtask(PyObject *module, PyObject *const *args, Py_ssize_t 
         Py_DECREF(loop);
         return NULL;
     }
-    Py_DECREF(loop);
     PyObject *callback = args[0];
     if (!PyCallable_Check(callback)) {
         PyErr_Format(PyExc_TypeError, "schedule_microtask() needs a callable, got %s %R",
@@ -1650,6 +1673,8 @@ static PyMethodDef speedups_methods[] = {
     {"dispatch_native", (PyCFunction)(void (*)(void))speedups_dispatch_native, METH_FASTCALL, dispatch_native_doc},
     {"schedule_microtask", (PyCFunction)(void (*)(void))speedups_schedule_microtask,
      METH_FASTCALL | METH_KEYWORDS, schedule_microtask_doc},
+    {"set_thread_loop", (PyCFunction)speedups_set_thread_loop, METH_O, set_thread_loop_doc},
+    {"clear_thread_loop", (PyCFunction)speedups_clear_thread_loop, METH_NOARGS, clear_thread_loop_doc},
     {NULL},
 };
 

@@ -725,8 +725,8 @@ def test_schedule_microtask_errors(schedule: Callable[..., None]) -> None:
 @pytest.mark.parametrize("schedule", _schedulers())
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_schedule_microtask_after_the_loop_is_gone(schedule: Callable[..., None], backend: str) -> None:
-    # The C version remembers the last loop it saw (weakly): a loop that is
-    # gone, or no loop at all, must not match.
+    # The C version finds the running loop through a thread-local that
+    # run_forever sets and clears: once the run is over it must not match.
     loop = dartloop.new_event_loop(backend=backend)
     out: list[str] = []
 
@@ -744,6 +744,108 @@ def test_schedule_microtask_after_the_loop_is_gone(schedule: Callable[..., None]
     with pytest.raises(RuntimeError, match="no running event loop"):
         schedule(out.append, "late")
     assert out == ["m"]
+
+
+@pytest.mark.parametrize("schedule", _schedulers())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_schedule_microtask_finds_each_threads_own_loop(schedule: Callable[..., None], backend: str) -> None:
+    # Two threads run a loop each at the same time, while a third has none:
+    # every microtask lands in the loop of the thread that scheduled it.
+    both_running = threading.Barrier(3)
+    finished = threading.Barrier(3)
+    out: dict[str, list[str]] = {"a": [], "b": []}
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        loop = dartloop.new_event_loop(backend=backend)
+
+        async def main() -> None:
+            await loop.run_in_executor(None, both_running.wait)
+            for i in range(3):
+                schedule(out[name].append, f"{name}{i}")
+                await asyncio.sleep(0)
+            await loop.run_in_executor(None, finished.wait)
+
+        try:
+            loop.run_until_complete(main())
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            loop.close()
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in out]
+    for t in threads:
+        t.start()
+    both_running.wait()
+    with pytest.raises(RuntimeError, match="no running event loop"):
+        schedule(print)
+    finished.wait()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert out == {"a": ["a0", "a1", "a2"], "b": ["b0", "b1", "b2"]}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_refused_nested_run_keeps_the_running_loop(backend: str) -> None:
+    # run_forever refuses to start a second loop in this thread; the running
+    # loop must still be the one schedule_microtask finds afterwards.
+    outer = dartloop.new_event_loop(backend=backend)
+    inner = dartloop.new_event_loop(backend=backend)
+    out: list[str] = []
+
+    async def main() -> None:
+        coro = asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="another loop is running|already running"):
+            inner.run_until_complete(coro)
+        coro.close()
+        dartloop.schedule_microtask(out.append, "outer")
+        await asyncio.sleep(0)
+
+    try:
+        outer.run_until_complete(main())
+    finally:
+        outer.close()
+        inner.close()
+    assert out == ["outer"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_forked_child_has_no_running_loop(backend: str, tmp_path: Any) -> None:
+    # asyncio forgets the running loop in a forked child; so must
+    # schedule_microtask. In a fresh single-threaded interpreter, so that
+    # fork() has no other threads to warn about.
+    script = tmp_path / "fork_child.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio, os, sys
+            import dartloop
+
+            async def main():
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        dartloop.schedule_microtask(print)
+                    except RuntimeError as exc:
+                        os._exit(0 if "no running event loop" in str(exc) else 3)
+                    os._exit(4)
+                _, status = os.waitpid(pid, 0)
+                out = []
+                dartloop.schedule_microtask(out.append, "parent")
+                await asyncio.sleep(0)
+                assert out == ["parent"], out
+                sys.exit(os.waitstatus_to_exitcode(status))
+
+            dartloop.run(main(), backend={backend!r})
+            """
+        )
+    )
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-W", "error", str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
 
 
 def test_public_schedule_microtask_is_the_selected_one() -> None:
