@@ -66,6 +66,9 @@ if os.environ.get("DARTLOOP_NO_EXTENSIONS") != "1":
 
 _Future = asyncio.Future
 _MAXIMUM_SELECT_TIMEOUT = 24 * 3600
+# uvloop clamps delays at about 100 years; call_at checks libuv's deadline
+# below that (see _UVDartLoop.call_at).
+_MAXIMUM_CHECKED_DELAY = 365 * 24 * 3600.0
 # Same pruning thresholds as asyncio's BaseEventLoop.
 _MIN_SCHEDULED_TIMER_HANDLES = 100
 _MIN_CANCELLED_TIMER_HANDLES_FRACTION = 0.5
@@ -812,6 +815,36 @@ if _uvloop is not None:
             token[0] = handle
             if self._dart_watch_idle:  # only a spawned isolate's liveness needs them
                 self._dart_timer_handles.add(handle)
+            return handle
+
+        def call_at(self, when: float, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None) -> Any:
+            """``call_later(when - self.time())``, as uvloop does, checked.
+
+            uvloop reads the clock for the delay and libuv reads it again
+            when it starts the timer; when a millisecond ticks between the
+            two reads (it does under load), the timer lands a millisecond
+            late, behind timers with later deadlines. So the timer is
+            checked against the millisecond that first read asked for and
+            re-armed with the difference when it landed elsewhere. (libuv's
+            timers have whole milliseconds: handles due in the same one run
+            in the order they were made.)
+            """
+            now = self.time()
+            delay = when - now
+            handle = self.call_later(delay, callback, *args, context=context)
+            # A delay that rounds to 0 ms gives a ready Handle, without when();
+            # a huge one is clamped by uvloop.
+            if not 0 < delay < _MAXIMUM_CHECKED_DELAY:
+                return handle
+            want = round(now * 1000) + round(delay * 1000)
+            for _ in range(3):
+                when_of = getattr(handle, "when", None)
+                off = 0 if when_of is None else want - round(when_of() * 1000)
+                if not off:
+                    break
+                handle.cancel()
+                delay += off / 1000
+                handle = self.call_later(delay, callback, *args, context=context)
             return handle
 
         def _check_callback_dart(self, callback: object, method: str) -> None:

@@ -74,6 +74,26 @@ async def test_call_later_and_call_at_due_together() -> None:
     assert log == ["at1", "at1.mt", "at2", "at2.mt", "at3", "at3.mt", "later", "later.mt"]
 
 
+async def test_call_at_keeps_deadline_order_when_the_clock_ticks_inside_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # uvloop's call_at reads the clock for the delay, and libuv reads it again
+    # to start the timer: a millisecond ticking in between put a timer behind
+    # one with a later deadline (seen under load). Here the first read lags
+    # the second by 2 ms, for at1 only.
+    loop = asyncio.get_running_loop()
+    log: list[str] = []
+    done = loop.create_future()
+    when = loop.time() + 0.02
+    real_time = loop.time
+    monkeypatch.setattr(loop, "time", lambda: real_time() - 0.002)
+    h1 = loop.call_at(when, probe, log, "at1")
+    monkeypatch.undo()
+    h2 = loop.call_at(when + 1e-6, probe, log, "at2")
+    loop.call_at(when + 0.01, done.set_result, None)
+    await done
+    assert log == ["at1", "at1.mt", "at2", "at2.mt"]
+    assert h1.when() <= h2.when() and not h1.cancelled()
+
+
 async def test_call_soon_threadsafe() -> None:
     loop = asyncio.get_running_loop()
     log: list[str] = []
