@@ -20,9 +20,12 @@ event loop backend, runs every case ``--runs`` times and prints the medians:
 * ``posts``: ``DartloopApi.post_int64`` in a tight loop from 1 (and 4) C
   threads to a ``RawReceivePort``; the clock stops when the port's handler
   has run for the last message (end to end). The C side's rate (until the
-  posting threads finished, while the isolate drains) is shown too.
+  posting threads finished, while the isolate drains) is shown too. The port's
+  handler is a plain counting function; one more row uses the ``Finish``
+  object of the other cases (a class ``__call__``, about twice the cost of a
+  function call), and one times the function handler alone in a bare loop.
 
-The same counting callback serves every end-to-end case. Ratios and the
+The listener and call_soon_threadsafe cases count with a ``Finish`` object. Ratios and the
 targets (listener >= 1 M calls/s from one C thread, or within 1.2x of the
 do-nothing floor; >= 3 M posts/s) are printed at the end of each backend's
 table.
@@ -278,21 +281,57 @@ async def blocking_latency(lib: ctypes.CDLL, count: int) -> float:
     return ns * 1e-9
 
 
-async def posts_rate(lib: ctypes.CDLL, threads: int, per_thread: int) -> tuple[float, float]:
+def counting_function(total: int, future: asyncio.Future[None]) -> Callable[[Any], None]:
+    """A plain function that finishes ``future`` at its ``total``-th call: the
+    cheapest Python handler, so that a post's figure is mostly dartloop's cost."""
+    count = 0
+
+    def handler(_message: Any) -> None:
+        nonlocal count
+        count += 1
+        if count == total:
+            future.set_result(None)
+
+    return handler
+
+
+async def posts_rate(lib: ctypes.CDLL, threads: int, per_thread: int, *, handler: str = "function") -> tuple[float, float]:
     """(end to end, C side): posts per second until the handler ran for the
-    last one, and until the posting threads had finished (timed in C)."""
-    finish = Finish(threads * per_thread)
-    port = dartloop.RawReceivePort(finish)
+    last one, and until the posting threads had finished (timed in C).
+    ``handler``: ``"function"`` (a closure counting calls) or ``"object"``
+    (a ``Finish`` instance, whose ``__call__`` costs about twice as much)."""
+    total = threads * per_thread
+    if handler == "function":
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        port = dartloop.RawReceivePort(counting_function(total, future))
+    else:
+        finish = Finish(total)
+        future = finish.future
+        port = dartloop.RawReceivePort(finish)
     number = port.send_port.native_port
     t0 = time.perf_counter()
     group = lib.posts_start(ctypes.addressof(native_api()), number, threads, per_thread)
-    await finish.future
+    await future
     dt = time.perf_counter() - t0
     c_side = lib.group_join(group)
     if c_side < 0:
         raise RuntimeError("a post failed")
     port.close()
-    return threads * per_thread / dt, threads * per_thread / c_side
+    return total / dt, total / c_side
+
+
+def handler_only_rate(total: int) -> float:
+    """Calls per second of the function handler alone, in a bare loop (the
+    part of a post's end-to-end cost that is the handler's, not dartloop's)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+    handler = counting_function(total, future)
+    t0 = time.perf_counter()
+    for i in range(total):
+        handler(i)
+    dt = time.perf_counter() - t0
+    assert future.done()
+    return total / dt
 
 
 # -- running and printing -----------------------------------------------------
@@ -324,7 +363,16 @@ async def bench_backend(lib: ctypes.CDLL, args: argparse.Namespace) -> dict[str,
         r[f"posts/{threads}"], r[f"posts-c/{threads}"] = await measure(
             args.runs, lambda: posts_rate(lib, threads, args.posts // threads)
         )
+    r["posts-object/1"], _ = await measure(args.runs, lambda: posts_rate(lib, 1, args.posts, handler="object"))
+    r["handler-only"] = await measure(args.runs, _awaitable(lambda: handler_only_rate(args.posts)))
     return r
+
+
+def _awaitable(fn: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
+    async def run() -> Any:
+        return fn()
+
+    return run
 
 
 def report(backend: str, r: dict[str, float], args: argparse.Namespace) -> list[str]:
@@ -338,6 +386,8 @@ def report(backend: str, r: dict[str, float], args: argparse.Namespace) -> list[
         ("blocking round trip (C -> owner -> C)", f"{r['blocking'] * 1e6:7.1f} us"),
         ("posts, 1 C thread (end to end)", fmt_rate(r["posts/1"])),
         ("posts, 4 C threads (end to end)", fmt_rate(r["posts/4"])),
+        ("posts, 1 C thread (end to end, Finish object handler)", fmt_rate(r["posts-object/1"])),
+        ("the function handler alone, in a bare loop", fmt_rate(r["handler-only"])),
         ("posts, 1 C thread (C side: until it finished)", fmt_rate(r["posts-c/1"])),
         ("posts, 4 C threads (C side: until they finished)", fmt_rate(r["posts-c/4"])),
     ]
