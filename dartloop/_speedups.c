@@ -1693,7 +1693,7 @@ done:
 /* Ports: SendPort.send and _IsolateState._drain_inbox                     */
 
 /* Reading a __slots__ attribute (SendPort._core, _PortCore.closed / isolate /
- * handler) without the generic lookup.  Python's own bytecode reads these
+ * handler, the _IsolateState slots) without the generic lookup.  Python's own bytecode reads these
  * through inline caches, so a C version that called PyObject_GetAttr for each
  * was hardly faster than the pure method; this is the same idea: remember,
  * per call site, the member descriptor that the type lookup found, and use
@@ -1730,7 +1730,8 @@ slot_get(PyObject *obj, PyObject *name, SlotCache *cache)
     return PyObject_GetAttr(obj, name);
 }
 
-static SlotCache cache_send_port_core, cache_core_closed, cache_core_isolate, cache_core_handler;
+static SlotCache cache_send_port_core, cache_core_closed, cache_core_isolate, cache_core_handler,
+    cache_iso_thread_id, cache_iso_relay_port, cache_iso_inbox, cache_iso_inbox_scheduled;
 
 /* Exact types that are surely in dartloop._message._ATOMIC (checked when it
  * is first read): most messages are one of these, and then the set lookup of
@@ -1823,7 +1824,7 @@ inbox_append_pair(PyObject *inbox, PyObject *core, PyObject *message)
 static int
 on_isolate_thread(PyObject *iso)
 {
-    PyObject *tid = PyObject_GetAttr(iso, str_thread_id);
+    PyObject *tid = slot_get(iso, str_thread_id, &cache_iso_thread_id);
     if (tid == NULL) {
         return -1;
     }
@@ -1921,7 +1922,7 @@ port_send(PyObject *send_port, PyObject *message)
         Py_XDECREF(loop);
         goto done;
     }
-    o = PyObject_GetAttr(iso, str_relay_port);
+    o = slot_get(iso, str_relay_port, &cache_iso_relay_port);
     t = is_true(o);
     Py_XDECREF(o);
     if (t > 0) {
@@ -1936,7 +1937,7 @@ port_send(PyObject *send_port, PyObject *message)
     else if (t < 0) {
         goto done;
     }
-    PyObject *inbox = PyObject_GetAttr(iso, str_inbox);
+    PyObject *inbox = slot_get(iso, str_inbox, &cache_iso_inbox);
     if (inbox == NULL) {
         goto done;
     }
@@ -1947,7 +1948,7 @@ port_send(PyObject *send_port, PyObject *message)
     }
     /* One wakeup per burst: the isolate clears the flag before it looks at
      * the inbox, so a message appended after that schedules its own. */
-    o = PyObject_GetAttr(iso, str_inbox_scheduled);
+    o = slot_get(iso, str_inbox_scheduled, &cache_iso_inbox_scheduled);
     t = is_true(o);
     Py_XDECREF(o);
     if (t < 0) {
