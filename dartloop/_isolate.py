@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -114,6 +115,12 @@ class _IsolateState:
     """The isolate side of a loop. Most methods run on the isolate's thread;
     ``post`` and ``control`` are the thread-safe entry points."""
 
+    # Performance, not behaviour: what every message from another thread
+    # reads lives in slots, which both the bytecode's attribute caches and
+    # the C SendPort.send (dartloop/_speedups.c, slot_get) read without a
+    # dict lookup; everything else stays in the instance __dict__.
+    __slots__ = ("thread_id", "relay_port", "inbox", "inbox_scheduled", "__dict__", "__weakref__")
+
     def __init__(
         self,
         loop: DartEventLoop | None,
@@ -134,8 +141,12 @@ class _IsolateState:
         self.children: weakref.WeakSet[_IsolateState] = weakref.WeakSet()
         # Open receive ports of this isolate (closed when it ends).
         self.cores: set[_PortCore] = set()
-        # Messages from other threads: (core, message); one wakeup per burst.
-        self.inbox: collections.deque[tuple[_PortCore, Any]] = collections.deque()
+        # Messages from other threads, each as two entries, its core then
+        # itself (no tuple per message for the cyclic GC to track), appended
+        # by one extend() (or, in C, two appends with nothing in between) so
+        # that pairs from several threads never interleave. One wakeup per
+        # burst (inbox_scheduled).
+        self.inbox: collections.deque[Any] = collections.deque()
         self.inbox_scheduled = False
         # Control actions from any thread, served after the current event.
         self.oob: collections.deque[tuple[Any, ...]] = collections.deque()
@@ -189,6 +200,12 @@ class _IsolateState:
             _state_by_control[self._control_core.id] = self
         if self.spawned:
             loop._dart_watch_idle = True
+        if loop._dart_accelerated:
+            # The C twin of _drain_inbox for the accelerated loop classes, as
+            # deliver_native picks dispatch_native for them. An instance
+            # attribute, so every `self._drain_inbox` (the wakeup that send
+            # schedules, _release_held, deliver_native) finds it.
+            self._drain_inbox = types.MethodType(_speedups_drain_inbox, self)  # type: ignore[method-assign]
 
     @property
     def control_port(self) -> SendPort:
@@ -223,7 +240,7 @@ class _IsolateState:
             return
         if self.relay_port and self.relay(core, message):
             return
-        self.inbox.append((core, message))
+        self.inbox.extend((core, message))  # one step: see self.inbox
         if not self.inbox_scheduled:
             self.inbox_scheduled = True
             try:
@@ -263,8 +280,18 @@ class _IsolateState:
     def _drain_inbox(self) -> None:
         """Dispatch the inbox, one message per Dart turn: handler, then drain.
 
+        Isolate thread (an event of its loop, or called by deliver_native).
+        Messages run in the order they were appended, so each sender's stay
+        in order; those to ports closed meanwhile (handler ``None``) are
+        dropped. An exception from a handler is reported through
+        ``loop._report_callback_error``; ``SystemExit`` and
+        ``KeyboardInterrupt`` propagate, leaving the rest queued.
+
         Handles only what was queued when it started, so a flood from other
         threads can't starve timers and I/O; the rest gets another event.
+        ``_speedups.drain_inbox`` is the C version, bound in place of this
+        one for the accelerated loop classes (kept in step:
+        tests/test_speedups.py).
         """
         self.inbox_scheduled = False
         inbox = self.inbox
@@ -276,16 +303,17 @@ class _IsolateState:
         # to run) changes only when control actions are served: looked at
         # first and after each serve_control, not for every message.
         waiting = self.resume_caps or self.held
-        for _ in range(len(inbox)):
+        for _ in range(len(inbox) // 2):  # two entries a message: see __init__
             if oob:
                 self.serve_control()
                 waiting = self.resume_caps or self.held
             if waiting:
                 # The rest of the inbox waits behind the held events, in order.
                 while inbox:
-                    self.hold(functools.partial(self._dispatch, *popleft()))
+                    self._hold_message(popleft(), popleft())
                 return
-            core, message = popleft()
+            core = popleft()
+            message = popleft()
             handler = core.handler
             if handler is None:
                 continue
@@ -770,6 +798,7 @@ def _dispatch_native(state: _IsolateState, batch: list[tuple[int, Any]], registr
 
 
 _speedups_dispatch_native: Callable[..., None] = getattr(SPEEDUPS, "dispatch_native", _dispatch_native)
+_speedups_drain_inbox: Callable[[_IsolateState], None] = getattr(SPEEDUPS, "drain_inbox", _IsolateState._drain_inbox)
 
 
 def _registry_ref() -> dict[int, _PortCore]:

@@ -1005,6 +1005,10 @@ else:  # pragma: no cover
 #   _UVDartLoop.call_soon / call_soon_threadsafe / call_later -> LoopMethod(...)
 #   dartloop._isolate._dispatch_native            -> dispatch_native (isolates of
 #                                                    these classes, _dart_accelerated)
+#   dartloop._isolate._IsolateState._drain_inbox  -> drain_inbox (bound by the
+#                                                    isolates of these classes)
+#   dartloop._ports.SendPort.send (inlines post)  -> LoopMethod("send"), chosen at
+#                                                    import for every SendPort
 # A LoopMethod falls back to the Python method in debug mode.
 
 _ACCELERATED: dict[type[DartEventLoop], type[DartEventLoop]] = {}

@@ -29,6 +29,7 @@ from _thread import get_ident as _get_ident
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from ._loop import SPEEDUPS
 from ._message import _ATOMIC, prepare_message
 from ._microtasks import running_dart_loop
 
@@ -164,6 +165,10 @@ class SendPort:
         Raises ``TypeError`` naming the type and the path of an object that
         can't be sent; nothing is delivered then. Sending to a closed port or
         a dead isolate drops the message silently and never raises.
+
+        This is the pure-Python reference, also reachable as
+        ``SendPort._send_py``; with the accelerator ``SendPort.send`` is its
+        C twin (``_speedups.LoopMethod("send")``, see the end of this module).
         """
         # The hot path of every message: _IsolateState.post inlined (keep
         # the two in step), and no call at all for a shared scalar message.
@@ -178,13 +183,19 @@ class SendPort:
             return
         if iso.relay_port and iso.relay(core, message):
             return
-        iso.inbox.append((core, message))
+        # Two entries, not a (core, message) tuple: a queued tuple would be
+        # one more object for the cyclic GC to track and traverse (~10% of
+        # a message's cost under a flood). One extend() is one step under
+        # the GIL, so another sender's pair can't land between the two.
+        iso.inbox.extend((core, message))
         if not iso.inbox_scheduled:
             iso.inbox_scheduled = True
             try:
                 iso.loop.call_soon_threadsafe(iso._drain_inbox)
             except (RuntimeError, AttributeError):  # closed, or None once closed
                 pass  # the loop closed meanwhile: the isolate is gone, drop
+
+    _send_py = send
 
     @property
     def native_port(self) -> int:
@@ -216,6 +227,13 @@ class SendPort:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SendPort:
         return self
+
+
+# The C twin of SendPort.send (same behaviour, no Python frame per message;
+# tests/test_speedups.py keeps the two in step). Chosen once, at import, as
+# schedule_microtask is: DARTLOOP_NO_EXTENSIONS=1 keeps the pure method.
+if SPEEDUPS is not None:
+    SendPort.send = SPEEDUPS.LoopMethod("send", SendPort._send_py)  # type: ignore[method-assign]
 
 
 def _check_handler(handler: object, what: str) -> None:

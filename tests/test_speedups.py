@@ -38,6 +38,8 @@ import pytest
 import dartloop
 from dartloop import _loop, _microtasks
 
+from _isolate_helpers import Inbox
+
 BACKENDS = dartloop.available_backends()
 PATHS = ("pure", "c")
 REQUIRE = os.environ.get("DARTLOOP_REQUIRE_EXTENSIONS") == "1"
@@ -854,6 +856,577 @@ def test_public_schedule_microtask_is_the_selected_one() -> None:
 
 
 # ---------------------------------------------------------------------------
+# Ports: SendPort.send and _IsolateState._drain_inbox
+# ---------------------------------------------------------------------------
+#
+# SendPort.send is chosen once, at import: the pure method stays reachable as
+# SendPort._send_py. The inbox drain follows the loop's class (the C one for
+# an accelerated loop's isolate). The "c" path is C send + C drain, "pure"
+# both pure; the mixed paths check that both agree on the inbox's format.
+
+# name -> (the loop's path, so the drain's; the send's path)
+SEND_PATHS = {
+    "pure": ("pure", "pure"),
+    "c": ("c", "c"),
+    "c-loop+pure-send": ("c", "pure"),
+    "pure-loop+c-send": ("pure", "c"),
+}
+
+
+class PortKit(Kit):
+    """A Kit whose ``send(send_port, message)`` is the pure or the C send."""
+
+    def __init__(self, loop: dartloop.DartEventLoop, schedule: Callable[..., None], send_path: str) -> None:
+        super().__init__(loop, schedule)
+        self.send_path = send_path
+        self.send: Callable[[dartloop.SendPort, object], None] = _send_for(send_path)
+
+
+def _send_for(path: str) -> Callable[[dartloop.SendPort, object], None]:
+    from dartloop._ports import SendPort
+
+    if path == "pure":
+        return SendPort._send_py
+    _require_c()
+    assert isinstance(SendPort.send, _loop.SPEEDUPS.LoopMethod)
+    return SendPort.send
+
+
+@pytest.fixture(params=[(b, p) for b in BACKENDS for p in SEND_PATHS], ids=lambda v: f"{v[0]}-{v[1]}")
+def port_kit(request: pytest.FixtureRequest) -> Iterator[PortKit]:
+    backend, path = request.param
+    loop_path, send_path = SEND_PATHS[path]
+    if "c" in (loop_path, send_path):
+        _require_c()
+    loop, schedule = make_loop(backend, loop_path)
+    k = PortKit(loop, schedule, send_path)
+    try:
+        yield k
+    finally:
+        loop.close()
+
+
+@pytest.fixture(params=[(b, p) for b in BACKENDS for p in PATHS], ids=_ids)
+def plain_port_kit(request: pytest.FixtureRequest) -> Iterator[PortKit]:
+    backend, path = request.param
+    loop, schedule = make_loop(backend, path)
+    k = PortKit(loop, schedule, path)
+    try:
+        yield k
+    finally:
+        loop.close()
+
+
+def _run_thread(target: Callable[[], None]) -> None:
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+
+
+def burst_while_blocked(loop: asyncio.AbstractEventLoop, produce: Callable[[], None], then: Callable[[], None] | None = None) -> None:
+    """Run ``produce`` in another thread during one event of ``loop``.
+
+    Everything it sends is then in the inbox, behind one wakeup, before the
+    drain runs; ``then()`` runs at the end of that event (still before it).
+    """
+
+    def event() -> None:
+        _run_thread(produce)
+        if then is not None:
+            then()
+
+    loop.call_soon(event)
+
+
+class Recorder:
+    """Port handlers that record ``(port name, message)``; ``done`` resolves
+    when ``expected`` messages were recorded in all."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, expected: int) -> None:
+        self.out: list[Any] = []
+        self.expected = expected
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def record(self, item: Any) -> None:
+        self.out.append(item)
+        if len(self.out) == self.expected and not self.done.done():
+            self.done.set_result(None)
+
+    def handler(self, name: str) -> Callable[[Any], None]:
+        return lambda m: self.record((name, m))
+
+
+def test_port_send_and_drain_are_the_selected_ones() -> None:
+    from dartloop._isolate import _IsolateState
+    from dartloop._ports import SendPort
+
+    if _loop.SPEEDUPS is None:
+        assert SendPort.send is SendPort._send_py
+        return
+    assert SendPort.send.__wrapped__ is SendPort._send_py
+    assert SendPort.send.__name__ == "send" and SendPort.send.__qualname__ == "SendPort.send"
+    assert SendPort.send.__doc__ == SendPort._send_py.__doc__
+    for path, expected in (("pure", _IsolateState._drain_inbox), ("c", _loop.SPEEDUPS.drain_inbox)):
+        loop, _ = make_loop("asyncio", path)
+        try:
+
+            async def main() -> Any:
+                return loop._isolate._drain_inbox  # type: ignore[union-attr]
+
+            assert loop.run_until_complete(main()).__func__ is expected
+        finally:
+            loop.close()
+
+
+def test_send_from_threads_keeps_each_senders_order(port_kit: PortKit) -> None:
+    loop, send = port_kit.loop, port_kit.send
+    n, senders = 3000, 3
+
+    async def main() -> dict[str, list[Any]]:
+        rec = Recorder(loop, 2 * n * senders)
+        a = dartloop.RawReceivePort(rec.handler("a"))
+        b = dartloop.RawReceivePort(rec.handler("b"))
+
+        def sender(tag: int) -> None:
+            for i in range(n):
+                send(a.send_port, (tag, i))
+                send(b.send_port, (tag, i))
+
+        threads = [threading.Thread(target=sender, args=(tag,)) for tag in range(senders)]
+        for t in threads:
+            t.start()
+        await rec.done
+        for t in threads:
+            t.join()
+        a.close()
+        b.close()
+        by_port_and_sender: dict[str, list[Any]] = {}
+        for name, (tag, i) in rec.out:
+            by_port_and_sender.setdefault(f"{name}{tag}", []).append(i)
+        return by_port_and_sender
+
+    got = port_kit.run(main())
+    assert got == {f"{name}{tag}": list(range(n)) for name in "ab" for tag in range(senders)}
+    assert not port_kit.errors
+
+
+def test_one_wakeup_per_burst(port_kit: PortKit) -> None:
+    loop, send = port_kit.loop, port_kit.send
+    wakeups: list[Any] = []
+    real = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        wakeups.append(callback)
+        return real(callback, *args, **kwargs)
+
+    async def main() -> list[int]:
+        rec = Recorder(loop, 200)
+        port = dartloop.RawReceivePort(lambda m: rec.record(m))
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        try:
+            burst_while_blocked(loop, lambda: [send(port.send_port, i) for i in range(200)])
+            await rec.done
+            assert len(wakeups) == 1  # the whole burst: one wakeup
+            rec.expected, rec.done = 400, loop.create_future()
+            # After the drain cleared the flag, the next burst gets its own.
+            burst_while_blocked(loop, lambda: [send(port.send_port, i) for i in range(200, 400)])
+            await rec.done
+            assert len(wakeups) == 2
+        finally:
+            del loop.call_soon_threadsafe
+            port.close()
+        return rec.out
+
+    assert port_kit.run(main()) == list(range(400))
+    iso = loop._isolate
+    assert iso is not None
+    assert {getattr(w, "__func__", None) for w in wakeups} == {iso._drain_inbox.__func__}
+
+
+def test_drop_rules_and_closing_a_port_mid_burst(port_kit: PortKit) -> None:
+    loop, send = port_kit.loop, port_kit.send
+
+    async def main() -> list[Any]:
+        rec = Recorder(loop, 0)
+        kept = dartloop.RawReceivePort(rec.handler("kept"))
+        closed_early = dartloop.RawReceivePort(rec.handler("closed-early"))
+        muted = dartloop.RawReceivePort(rec.handler("muted"))
+
+        def closing(m: int) -> None:
+            rec.record(("closing", m))
+            if m == 3:
+                closing_port.close()  # the rest of the burst to it is dropped
+
+        closing_port = dartloop.RawReceivePort(closing)
+        ports = [kept, closed_early, muted, closing_port]
+
+        def produce() -> None:
+            for i in range(8):
+                for p in ports:
+                    send(p.send_port, i)
+
+        def then() -> None:
+            # Still in the blocking event: the burst is queued but not drained.
+            closed_early.close()
+            muted.handler = None
+
+        burst_while_blocked(loop, produce, then)
+        rec.expected = 8 + 4
+        await rec.done
+        muted.handler = rec.handler("muted")
+        # A closed port and a dead end stay silent for later sends too.
+        done = loop.create_future()
+        last = dartloop.RawReceivePort(lambda m: done.set_result(m))
+
+        def later() -> None:
+            send(closed_early.send_port, "late")
+            send(closing_port.send_port, "late")
+            send(muted.send_port, "heard")
+            send(last.send_port, "end")
+
+        _run_thread(later)
+        await done
+        for p in (kept, muted, last):
+            p.close()
+        return rec.out
+
+    out = port_kit.run(main())
+    expected = []
+    for i in range(8):
+        expected.append(("kept", i))
+        if i <= 3:
+            expected.append(("closing", i))
+    assert out == expected + [("muted", "heard")]
+    assert not port_kit.errors
+
+
+def test_unsendable_messages_raise_the_same_error_and_deliver_nothing(port_kit: PortKit) -> None:
+    from dartloop._message import prepare_message
+
+    loop, send = port_kit.loop, port_kit.send
+    bad = [1, {"key": threading.Lock()}]
+    with pytest.raises(TypeError) as reference:
+        prepare_message(bad)
+
+    async def main() -> list[Any]:
+        rec = Recorder(loop, 2)
+        port = dartloop.RawReceivePort(lambda m: rec.record(m))
+        errors: list[str] = []
+        with pytest.raises(TypeError) as own_thread:
+            send(port.send_port, bad)
+        errors.append(str(own_thread.value))
+
+        def from_thread() -> None:
+            try:
+                send(port.send_port, bad)
+            except TypeError as exc:
+                errors.append(str(exc))
+            send(port.send_port, [1, {"key": "copied"}])
+
+        _run_thread(from_thread)
+        send(port.send_port, "own")
+        await rec.done
+        port.close()
+        assert errors == [str(reference.value)] * 2
+        return rec.out
+
+    assert sorted(map(repr, port_kit.run(main()))) == sorted(map(repr, [[1, {"key": "copied"}], "own"]))
+
+
+def test_send_checks_its_arguments_like_the_pure_method(plain_port_kit: PortKit) -> None:
+    send = plain_port_kit.send
+
+    async def main() -> None:
+        port = dartloop.RawReceivePort()
+        with pytest.raises(TypeError):
+            send(port.send_port)  # type: ignore[call-arg]
+        with pytest.raises(TypeError):
+            send(port.send_port, 1, 2)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+            send(port.send_port, bogus=1)  # type: ignore[call-arg]
+        send(port.send_port, message=1)  # type: ignore[call-arg]  # the pure signature
+        port.close()
+
+    plain_port_kit.run(main())
+
+
+def test_handler_errors_reach_the_exception_handler(port_kit: PortKit) -> None:
+    loop, send, sched = port_kit.loop, port_kit.send, port_kit.schedule
+    boom = ValueError("boom")
+    out: list[Any] = []
+    done = loop.create_future()
+
+    def handler(m: int) -> None:
+        out.append(m)
+        sched(out.append, f"{m}.m")
+        if m == 2:
+            raise boom
+        if m == 4:
+            done.set_result(None)
+
+    async def main() -> None:
+        port = dartloop.RawReceivePort(handler)
+        burst_while_blocked(loop, lambda: [send(port.send_port, i) for i in range(5)])
+        await done
+        port.close()
+
+    port_kit.run(main())
+    assert out == [0, "0.m", 1, "1.m", 2, "2.m", 3, "3.m", 4, "4.m"]
+    assert [c["exception"] for c in port_kit.errors] == [boom]
+    assert port_kit.errors[0]["message"] == "Exception in callback " + _loop._format_callback(handler, (2,), False)
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_base_exceptions_from_a_handler_leave_the_rest_queued(plain_port_kit: PortKit, exc_type: type[BaseException]) -> None:
+    loop, send = plain_port_kit.loop, plain_port_kit.send
+    out: list[int] = []
+
+    def handler(m: int) -> None:
+        out.append(m)
+        if m == 1:
+            raise exc_type("stop")
+
+    async def main() -> None:
+        port = dartloop.RawReceivePort(handler)
+        burst_while_blocked(loop, lambda: [send(port.send_port, i) for i in range(5)])
+        await loop.create_future()  # never: the handler's exception leaves the run
+
+    with pytest.raises(exc_type):
+        plain_port_kit.run(main())
+    iso = loop._isolate
+    assert iso is not None
+    assert out == [0, 1]
+    assert len(iso.inbox) == 2 * 3  # messages 2..4, core and message each
+    assert not iso.inbox_scheduled  # cleared by the drain that was left
+    iso.inbox.clear()
+
+
+def test_pause_holds_messages_in_order(port_kit: PortKit) -> None:
+    loop, send = port_kit.loop, port_kit.send
+
+    async def main() -> list[Any]:
+        rec = Recorder(loop, 0)
+        me = dartloop.Isolate.current
+        iso = loop._isolate
+        assert iso is not None
+        paused_at = []
+
+        def handler(m: int) -> None:
+            rec.record(m)
+            if m == 3:
+                # A pause from inside the drain: served before the next
+                # message, which then waits with the rest of the burst.
+                paused_at.append(me.pause())
+
+        port = dartloop.RawReceivePort(handler)
+        seen: asyncio.Future[None] = loop.create_future()
+        burst_while_blocked(
+            loop, lambda: [send(port.send_port, i) for i in range(10)], lambda: loop.call_soon(seen.set_result, None)
+        )
+        await seen  # queued behind the drain's wakeup: the drain has run
+        assert rec.out == [0, 1, 2, 3]
+        assert len(iso.held) == 6
+        # Sent while paused: held behind them, in order.
+        _run_thread(lambda: [send(port.send_port, i) for i in range(10, 15)])
+        hop: asyncio.Future[None] = loop.create_future()
+        loop.call_soon_threadsafe(hop.set_result, None)
+        await hop
+        assert rec.out == [0, 1, 2, 3] and len(iso.held) == 11
+        rec.expected = 15
+        me.resume(paused_at[0])
+        await rec.done
+        port.close()
+        return rec.out
+
+    assert port_kit.run(main()) == list(range(15))
+    assert not port_kit.errors
+
+
+def _flood_target_entry(reply: dartloop.SendPort) -> None:
+    """Takes 300 messages, reports them, then closes its only port (the isolate ends)."""
+    got: list[int] = []
+
+    def handler(m: int) -> None:
+        got.append(m)
+        if len(got) == 300:
+            port.close()
+            reply.send(got)
+
+    port = dartloop.RawReceivePort(handler)
+    reply.send(port.send_port)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
+def test_sending_from_a_plain_thread_while_the_isolate_ends(backend: str, path: str) -> None:
+    send = _send_for(path)
+    loop, _ = make_loop(backend, path)
+    stop = threading.Event()
+    sent: list[int] = []
+    raised: list[BaseException] = []
+
+    def flood(target: dartloop.SendPort) -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                send(target, i)
+                i += 1
+        except BaseException as exc:  # pragma: no cover - the failure reported below
+            raised.append(exc)
+        sent.append(i)
+
+    async def main() -> tuple[list[int], Any]:
+        inbox = Inbox()
+        saved = _loop.SPEEDUPS
+        if path == "pure":
+            _loop.SPEEDUPS = None  # the spawned isolate's loop too
+        try:
+            await dartloop.Isolate.spawn(_flood_target_entry, inbox.send_port, on_exit=inbox.send_port, debug_name="flooded")
+        finally:
+            _loop.SPEEDUPS = saved
+        target = await inbox.next()
+        t = threading.Thread(target=flood, args=(target,))
+        t.start()
+        got = await inbox.next()
+        exited = await inbox.next()  # the isolate is dead; the flood goes on
+        assert not sent
+        await asyncio.to_thread(_send_many, target, send)
+        stop.set()
+        t.join()
+        inbox.close()
+        return got, exited
+
+    try:
+        got, exited = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert raised == []
+    assert got == list(range(300))
+    assert exited is None
+    assert sent and sent[0] >= 300
+
+
+def _send_many(target: dartloop.SendPort, send: Callable[[dartloop.SendPort, object], None]) -> None:
+    # Sends to a dead isolate return at once without raising.
+    for i in range(1000):
+        send(target, i)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
+def test_sending_while_the_root_isolate_closes_never_raises(backend: str, path: str) -> None:
+    send = _send_for(path)
+    loop, _ = make_loop(backend, path)
+    stop = threading.Event()
+    raised: list[BaseException] = []
+    counts: list[int] = []
+
+    async def main() -> tuple[dartloop.SendPort, list[int]]:
+        rec = Recorder(loop, 500)
+        port = dartloop.RawReceivePort(lambda m: rec.record(m))
+        sp = port.send_port
+
+        def flood() -> None:
+            i = 0
+            try:
+                while not stop.is_set():
+                    send(sp, i)
+                    i += 1
+            except BaseException as exc:  # pragma: no cover - the failure reported below
+                raised.append(exc)
+            counts.append(i)
+
+        t = threading.Thread(target=flood)
+        t.start()
+        threads.append(t)
+        await rec.done
+        return sp, rec.out
+
+    threads: list[threading.Thread] = []
+    try:
+        sp, out = loop.run_until_complete(main())
+    finally:
+        loop.close()  # ports closed, inbox cleared, loop gone: while the flood goes on
+    _send_many(sp, send)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert raised == []
+    assert out[:500] == list(range(500))
+    assert counts and counts[0] >= 500
+
+
+def test_no_leaks_and_the_state_is_collected(plain_port_kit: PortKit) -> None:
+    import tracemalloc
+
+    loop, send = plain_port_kit.loop, plain_port_kit.send
+    probe = "leak probe " + plain_port_kit.send_path  # a str: shared as it is
+    copied = [probe, {"k": probe}]
+    unsendable = [probe, threading.Lock()]
+
+    def handler(m: Any) -> None:
+        if m == "raise":
+            # A new one each time: a reused exception would collect the
+            # traceback (and frames) of every raise.
+            raise ValueError("boom")
+
+    async def burst(port: dartloop.RawReceivePort, closed: dartloop.SendPort) -> None:
+        done = loop.create_future()
+        marker = dartloop.RawReceivePort(lambda m: done.set_result(None))
+
+        def produce() -> None:
+            for _ in range(500):
+                send(port.send_port, probe)
+                send(port.send_port, copied)
+                send(closed, probe)
+                try:
+                    send(port.send_port, unsendable)
+                except TypeError:
+                    pass
+            send(port.send_port, "raise")
+            send(marker.send_port, None)
+
+        _run_thread(produce)
+        await done
+        marker.close()
+
+    async def main() -> tuple[int, int, list[int]]:
+        port = dartloop.RawReceivePort(handler)
+        gone = dartloop.RawReceivePort()
+        gone.close()
+        core = port._core
+        await burst(port, gone.send_port)  # warm up: caches, deque blocks
+        plain_port_kit.errors.clear()
+        gc.collect()
+        refs = [sys.getrefcount(x) for x in (probe, copied, unsendable, core, handler, port.send_port, loop._isolate)]
+        tracemalloc.start()
+        try:
+            await burst(port, gone.send_port)
+            plain_port_kit.errors.clear()
+            gc.collect()
+            first = tracemalloc.get_traced_memory()[0]
+            for _ in range(5):
+                await burst(port, gone.send_port)
+                plain_port_kit.errors.clear()
+            gc.collect()
+            last = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        after = [sys.getrefcount(x) for x in (probe, copied, unsendable, core, handler, port.send_port, loop._isolate)]
+        port.close()
+        assert after == refs
+        return first, last, refs
+
+    first, last, _ = plain_port_kit.run(main())
+    assert last - first < 64 * 1024, (first, last)
+    state = weakref.ref(loop._isolate)  # type: ignore[arg-type]
+    loop.close()
+    for _ in range(3):
+        gc.collect()
+    assert state() is None  # the C drain bound to the state is no uncollectable cycle
+
+
+# ---------------------------------------------------------------------------
 # Housekeeping
 # ---------------------------------------------------------------------------
 
@@ -910,17 +1483,24 @@ MIRRORED = {
     "_UVDartLoop.call_later": "0566a20e56a9dcc6",
     "_protocols._drained": "ae63bbf359714992",
     "_isolate._dispatch_native": "99b841ead1470b51",
+    "SendPort.send": "4431a5413dd17b12",
+    "_IsolateState.post": "c89785f21f6bf10c",
+    "_IsolateState._drain_inbox": "453434d38276479d",
 }
 
 
 def _mirrored_functions() -> dict[str, Callable[..., Any]]:
-    from dartloop import _isolate, _protocols
+    from dartloop import _isolate, _ports, _protocols
 
     out: dict[str, Callable[..., Any]] = {
         "DartEventLoop._run_pending_immediate_callback": _loop.DartEventLoop._run_pending_immediate_callback,
         "schedule_microtask": _microtasks._schedule_microtask_py,
         "_protocols._drained": _protocols._drained_py,
         "_isolate._dispatch_native": _isolate._dispatch_native,
+        # The C send inlines post, as the pure send does.
+        "SendPort.send": _ports.SendPort._send_py,
+        "_IsolateState.post": _isolate._IsolateState.post,
+        "_IsolateState._drain_inbox": _isolate._IsolateState._drain_inbox,
     }
     if _loop._UVDartLoop is not None:
         for name in ("_run_event", "_run_timer_event", "_run_due_timer", "call_soon", "call_soon_threadsafe", "call_later"):
