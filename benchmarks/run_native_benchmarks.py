@@ -22,8 +22,8 @@ event loop backend, runs every case ``--runs`` times and prints the medians:
   has run for the last message (end to end). The C side's rate (until the
   posting threads finished, while the isolate drains) is shown too. The port's
   handler is a plain counting function; one more row uses the ``Finish``
-  object of the other cases (a class ``__call__``, about twice the cost of a
-  function call), and one times the function handler alone in a bare loop.
+  object of the other cases (a class ``__call__``), and one times the function
+  handler alone in a bare loop.
 
 The listener and call_soon_threadsafe cases count with a ``Finish`` object. Ratios and the
 targets (listener >= 1 M calls/s from one C thread, or within 1.2x of the
@@ -299,7 +299,7 @@ async def posts_rate(lib: ctypes.CDLL, threads: int, per_thread: int, *, handler
     """(end to end, C side): posts per second until the handler ran for the
     last one, and until the posting threads had finished (timed in C).
     ``handler``: ``"function"`` (a closure counting calls) or ``"object"``
-    (a ``Finish`` instance, whose ``__call__`` costs about twice as much)."""
+    (a ``Finish`` instance, called through its class's ``__call__``)."""
     total = threads * per_thread
     if handler == "function":
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
