@@ -1996,6 +1996,23 @@ queue_length(PyObject *q)
     return PyObject_Length(q);
 }
 
+/* `core = popleft(); message = popleft()`: one inbox entry (two items, see
+ * _IsolateState.inbox); new references, or -1 with an exception set. */
+static int
+pop_inbox_pair(PyObject *inbox, PyObject **core, PyObject **message)
+{
+    *core = queue_popleft(inbox);
+    if (*core == NULL) {
+        return -1;
+    }
+    *message = queue_popleft(inbox);
+    if (*message == NULL) {
+        Py_CLEAR(*core);
+        return -1;
+    }
+    return 0;
+}
+
 /* state._hold_message(popleft(), popleft()) while the inbox is not empty */
 static int
 hold_inbox(PyObject *state, PyObject *inbox)
@@ -2005,13 +2022,8 @@ hold_inbox(PyObject *state, PyObject *inbox)
         if (t <= 0) {
             return t;
         }
-        PyObject *core = queue_popleft(inbox);
-        if (core == NULL) {
-            return -1;
-        }
-        PyObject *message = queue_popleft(inbox);
-        if (message == NULL) {
-            Py_DECREF(core);
+        PyObject *core, *message;
+        if (pop_inbox_pair(inbox, &core, &message) < 0) {
             return -1;
         }
         PyObject *r = PyObject_CallMethodObjArgs(state, str_hold_message, core, message, NULL);
@@ -2095,13 +2107,8 @@ speedups_drain_inbox(PyObject *module, PyObject *state)
             }
             goto done;
         }
-        PyObject *core = queue_popleft(inbox);
-        if (core == NULL) {
-            goto done;
-        }
-        PyObject *message = queue_popleft(inbox);
-        if (message == NULL) {
-            Py_DECREF(core);
+        PyObject *core, *message;
+        if (pop_inbox_pair(inbox, &core, &message) < 0) {
             goto done;
         }
         PyObject *handler = slot_get(core, str_handler, &cache_core_handler);

@@ -1265,16 +1265,6 @@ def test_sending_from_a_plain_thread_while_the_isolate_ends(backend: str, path: 
     sent: list[int] = []
     raised: list[BaseException] = []
 
-    def flood(target: dartloop.SendPort) -> None:
-        i = 0
-        try:
-            while not stop.is_set():
-                send(target, i)
-                i += 1
-        except BaseException as exc:  # pragma: no cover - the failure reported below
-            raised.append(exc)
-        sent.append(i)
-
     async def main() -> tuple[list[int], Any]:
         inbox = Inbox()
         saved = _loop.SPEEDUPS
@@ -1285,7 +1275,7 @@ def test_sending_from_a_plain_thread_while_the_isolate_ends(backend: str, path: 
         finally:
             _loop.SPEEDUPS = saved
         target = await inbox.next()
-        t = threading.Thread(target=flood, args=(target,))
+        t = threading.Thread(target=_flood, args=(send, target, stop, raised, sent))
         t.start()
         got = await inbox.next()
         exited = await inbox.next()  # the isolate is dead; the flood goes on
@@ -1304,6 +1294,25 @@ def test_sending_from_a_plain_thread_while_the_isolate_ends(backend: str, path: 
     assert got == list(range(300))
     assert exited is None
     assert sent and sent[0] >= 300
+
+
+def _flood(
+    send: Callable[[dartloop.SendPort, object], None],
+    target: dartloop.SendPort,
+    stop: threading.Event,
+    raised: list[BaseException],
+    counts: list[int],
+) -> None:
+    # Sends 0, 1, 2, ... until stop is set; then records how many it sent
+    # (and anything the sends raised, which must be nothing).
+    i = 0
+    try:
+        while not stop.is_set():
+            send(target, i)
+            i += 1
+    except BaseException as exc:  # pragma: no cover - the failure reported below
+        raised.append(exc)
+    counts.append(i)
 
 
 def _send_many(target: dartloop.SendPort, send: Callable[[dartloop.SendPort, object], None]) -> None:
@@ -1326,17 +1335,7 @@ def test_sending_while_the_root_isolate_closes_never_raises(backend: str, path: 
         port = dartloop.RawReceivePort(lambda m: rec.record(m))
         sp = port.send_port
 
-        def flood() -> None:
-            i = 0
-            try:
-                while not stop.is_set():
-                    send(sp, i)
-                    i += 1
-            except BaseException as exc:  # pragma: no cover - the failure reported below
-                raised.append(exc)
-            counts.append(i)
-
-        t = threading.Thread(target=flood)
+        t = threading.Thread(target=_flood, args=(send, sp, stop, raised, counts))
         t.start()
         threads.append(t)
         await rec.done
