@@ -155,8 +155,17 @@ async def test_timers_created_during_a_batch_never_join_it() -> None:
     def first() -> None:
         log.append("first")
         created = loop.time()
-        Timer(0.001, lambda: (log.append("new heap timer"), done.set_result(None)))
-        Timer.run(lambda: log.append("new zero timer"))
+        # Both timers are created at one (frozen) instant. Without this the
+        # clock could step between them (uvloop's clock has millisecond
+        # steps), giving the heap timer the zero timer's deadline and an
+        # earlier creation number: it would then rightly run first, as in
+        # Dart's _queueFromZeroEvent.
+        undo_inner = _fake_time(loop, created)
+        try:
+            Timer(0.001, lambda: (log.append("new heap timer"), done.set_result(None)))
+            Timer.run(lambda: log.append("new zero timer"))
+        finally:
+            undo_inner()
         loop.call_soon(log.append, "event")
         # Make the new heap timer overdue before the batch ends.
         while loop.time() < created + 0.003:
@@ -173,6 +182,27 @@ async def test_timers_created_during_a_batch_never_join_it() -> None:
         undo()
     await done
     assert log == ["first", "second", "new zero timer", "event", "new heap timer"]
+
+
+async def test_an_overdue_heap_timer_runs_before_a_later_zero_timer() -> None:
+    # Dart's _queueFromZeroEvent: the event of a zero timer first runs every
+    # heap timer ordered before it, so an overdue timer never waits behind a
+    # zero timer created after its deadline, whichever event comes first.
+    loop = asyncio.get_running_loop()
+    log: list[str] = []
+    done = loop.create_future()
+
+    def create() -> None:
+        created = loop.time()
+        Timer(0.001, lambda: log.append("heap, due first"))
+        while loop.time() < created + 0.002:
+            busy_wait(0.001)
+        Timer.run(lambda: log.append("zero, created after that deadline"))
+        Timer(0.01, lambda: done.set_result(None))
+
+    loop.call_soon(create)
+    await done
+    assert log == ["heap, due first", "zero, created after that deadline"]
 
 
 async def test_cancel_and_is_active() -> None:
