@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextvars
 import heapq
+import operator
 import os
 import selectors
 import sys
@@ -301,28 +302,22 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
 
     backend = "asyncio"
 
-    # Performance, not behaviour: dartloop's own attributes live in slots so
-    # that the instance __dict__ holds only asyncio's ~24. Past 30 keys
-    # CPython (3.11-3.13) stops sharing the dict's keys and every
-    # ``self._ready``/``self._debug`` in asyncio's Python code gets slower:
-    # that alone cost ~10% on call_soon chains. Attributes added later still
-    # work (they go to __dict__); tests/test_speedups.py checks the count.
-    __slots__ = (
-        "strict",
-        "_microtasks",
-        "_mt_append",
-        "_isolate",
-        "_dart_timers",
-        "_dart_thread_id",
-        "_keepalive",
-        "_executor_jobs",
-        "_dart_used_executor",
-        "_dart_oob",
-        "_wakeup_pending",
-        "_dart_transports",
-    )
+    # Performance, not behaviour. asyncio's Python code reads ``self._ready``,
+    # ``self._debug``, ``self.call_soon`` ... on every event, and CPython's
+    # specializer makes those reads fast only while the instance dict keeps
+    # its keys shared with the class: at most 29 keys, and on 3.13 also no
+    # __slots__ anywhere in the class (a slotted subclass loses the inline
+    # values, and then every method load takes the generic path: -25% on
+    # call_soon chains). asyncio itself has 26 keys. So the instance dict
+    # gets only the two fields the turn reads most, _microtasks and
+    # _isolate, and the _dart_state holder; dartloop's other fields live in
+    # the holder's slots, behind the forwarding properties made below.
+    # tests/test_speedups.py checks the key count and the layout.
+    _DIRECT_FIELDS = ("_microtasks", "_isolate")
 
     def __init__(self, selector: selectors.BaseSelector | None = None, *, strict: bool = False) -> None:
+        # First: the forwarding properties below store into it.
+        self._dart_state = _AsyncioLoopState()
         self._dart_setup(strict)
         self._wakeup_pending = False
         # Transports made by this loop, to tell whether a spawned isolate
@@ -345,8 +340,9 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
         handle = self._call_soon(callback, args, context)
         if handle._source_traceback:
             del handle._source_traceback[-1]
-        if not self._wakeup_pending:
-            self._wakeup_pending = True
+        state = self._dart_state
+        if not state._wakeup_pending:
+            state._wakeup_pending = True
             self._write_to_self()
         return handle
 
@@ -442,7 +438,8 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
                 return
 
         event_list = self._selector.select(timeout)
-        self._wakeup_pending = False
+        state = self._dart_state
+        state._wakeup_pending = False
         self._process_events(event_list)
         event_list = None
 
@@ -455,14 +452,14 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
             handle._scheduled = False
             ready.append(handle)
 
-        if self._dart_unwinding:
+        if state._dart_unwinding:
             keep = self._dart_keep_while_unwinding
             kept = [h for h in ready if not h._cancelled and keep(h._callback, h._args)]
             ready.clear()
             ready.extend(kept)
         popleft = ready.popleft
         microtasks = self._microtasks
-        oob = self._dart_oob
+        oob = state._dart_oob
         if self._debug:
             for _ in range(len(ready)):
                 handle = popleft()
@@ -512,6 +509,43 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
             if dt >= self.slow_callback_duration:
                 logger.warning("Microtasks after %s took %.3f seconds", base_events._format_handle(handle), dt)  # type: ignore[attr-defined]
         handle = None  # type: ignore[assignment]  # break cycles, as asyncio does
+
+
+class _AsyncioLoopState:
+    """dartloop's per-loop fields of the ``"asyncio"`` backend, out of its dict.
+
+    Only the loop itself touches it, on the loop's thread (or before the loop
+    runs); see ``_AsyncioDartLoop._DIRECT_FIELDS`` for why it exists.
+    """
+
+    __slots__ = (
+        "strict",
+        "_mt_append",
+        "_dart_timers",
+        "_dart_thread_id",
+        "_keepalive",
+        "_executor_jobs",
+        "_dart_used_executor",
+        "_dart_used_asyncgens",
+        "_dart_oob",
+        "_dart_unwinding",
+        "_dart_watch_idle",
+        "_wakeup_pending",
+        "_dart_transports",
+    )
+
+
+def _forward_to_state(name: str) -> property:
+    # attrgetter keeps the read in C; a read is as fast as a slot's.
+    def fset(self: Any, value: Any) -> None:
+        setattr(self._dart_state, name, value)
+
+    return property(operator.attrgetter(f"_dart_state.{name}"), fset, doc=f"kept in ``_dart_state.{name}``")
+
+
+for _name in _AsyncioLoopState.__slots__:
+    setattr(_AsyncioDartLoop, _name, _forward_to_state(_name))
+del _name
 
 
 class _StrictMixin:
