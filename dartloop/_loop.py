@@ -66,6 +66,8 @@ if os.environ.get("DARTLOOP_NO_EXTENSIONS") != "1":
         os.register_at_fork(after_in_child=SPEEDUPS.clear_thread_loop)
 
 _Future = asyncio.Future
+# The context of the handles that _report_callback_error makes up: never run.
+_NO_CONTEXT = contextvars.Context()
 _MAXIMUM_SELECT_TIMEOUT = 24 * 3600
 # uvloop clamps delays at about 100 years; call_at checks libuv's deadline
 # below that (see _UVDartLoop.call_at).
@@ -209,10 +211,17 @@ class DartEventLoop(asyncio.AbstractEventLoop):
             "exception": exc,
         }
         if handle is not None:
-            context["handle"] = handle
             tb = getattr(handle, "_source_traceback", None)
             if tb:
                 context["source_traceback"] = tb
+        else:
+            # Where dartloop ran the callback itself (uvloop runs our wrapper,
+            # Dart timers and port handlers run inside one), the real handle
+            # is not at hand. Stock loops always put one in the context, and
+            # handlers read context["handle"]: describe the callback with one.
+            handle = asyncio.Handle(callback, args, self, _NO_CONTEXT)
+            handle._source_traceback = None  # the report's stack, not the callback's
+        context["handle"] = handle
         self._report_uncaught(exc, context)
 
     # -- isolate plumbing -------------------------------------------------

@@ -705,3 +705,7 @@ def test_exception_in_callback_reaches_handler_everywhere() -> None:
         # due timers before ready callbacks): the order is tested elsewhere.
         assert sorted(type(c["exception"]).__name__ for c in contexts) == ["KeyError", "ZeroDivisionError"], kind
         assert all(c["message"].startswith("Exception in callback") for c in contexts), kind
+        # The keys of stock asyncio's and uvloop's contexts, with a handle
+        # that names the callback (handlers read context["handle"]).
+        assert [sorted(c) for c in contexts] == [["exception", "handle", "message"]] * 2, kind
+        assert any("<lambda>" in repr(c["handle"]) for c in contexts), (kind, [repr(c["handle"]) for c in contexts])
