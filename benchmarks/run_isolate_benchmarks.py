@@ -20,8 +20,10 @@ a slow phase of a loaded machine does not always hit the same contender.
   only); raw: two loops in two threads bouncing ``call_soon_threadsafe``.
 * spawn latency (µs): ``Isolate.spawn`` until the entry has run (it sends a
   message), ``await Isolate.run(noop)``, next to ``threading.Thread``
-  start+join and ``await asyncio.to_thread(noop)`` (stock asyncio, warm
-  executor).
+  start+join, ``await asyncio.to_thread(noop)`` (stock asyncio, warm
+  executor), and a floor for any loop-per-thread design: a thread that makes
+  a stock selector loop, hands one result back with
+  ``call_soon_threadsafe``, closes the loop and is joined.
 
 Targets (from the issue): one-way >= 2 M messages/s on both backends; round
 trip no worse than raw uvloop ``call_soon_threadsafe``; ``Isolate.run(noop)``
@@ -364,6 +366,39 @@ def thread_latency(k: int) -> list[float]:
     return samples
 
 
+def loop_thread_floor_latency(k: int) -> list[float]:
+    """What any loop-per-thread ``run`` must do, with stock asyncio and no dartloop:
+    start a thread, make a selector loop in it, run one callback that hands a
+    result back with ``call_soon_threadsafe``, close the loop, join the thread."""
+
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        samples = []
+        for _ in range(k):
+            t0 = perf()
+            fut: asyncio.Future[None] = loop.create_future()
+
+            def body(fut: asyncio.Future[None] = fut) -> None:
+                child = asyncio.SelectorEventLoop()
+
+                def entry() -> None:
+                    loop.call_soon_threadsafe(fut.set_result, None)
+                    child.stop()
+
+                child.call_soon(entry)
+                child.run_forever()
+                child.close()
+
+            thread = threading.Thread(target=body)
+            thread.start()
+            await fut
+            thread.join()
+            samples.append(perf() - t0)
+        return samples
+
+    return asyncio.run(main())
+
+
 def to_thread_latency(k: int) -> list[float]:
     async def main() -> list[float]:
         await asyncio.to_thread(_noop)  # warm the executor
@@ -477,6 +512,7 @@ def main() -> int:
             rows.append(Row(f"dartloop({b}) Isolate.spawn until entry ran", lambda b=b: statistics.median(dart_spawn_latency(b, k_spawn))))
             rows.append(Row(f"dartloop({b}) await Isolate.run(noop)", lambda b=b: statistics.median(dart_run_latency(b, k_spawn))))
         rows.append(Row("threading.Thread(noop) start + join", lambda: statistics.median(thread_latency(k_spawn)), reference=True))
+        rows.append(Row("floor: thread + stock loop in it + one reply + join", lambda: statistics.median(loop_thread_floor_latency(k_spawn))))
         rows.append(Row("await asyncio.to_thread(noop) (stock asyncio)", lambda: statistics.median(to_thread_latency(k_spawn))))
         print(f"spawn latency, {k_spawn} per round", end=" ", flush=True)
         run_group(rows, rounds)
