@@ -462,24 +462,22 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
             ready.append(handle)
 
         if state._dart_unwinding:
-            keep = self._dart_keep_while_unwinding
-            kept = [h for h in ready if not h._cancelled and keep(h._callback, h._args)]
-            ready.clear()
-            ready.extend(kept)
-        popleft = ready.popleft
+            self._dart_drop_unwound(ready)
         microtasks = self._microtasks
         oob = state._dart_oob
         if self._debug:
             for _ in range(len(ready)):
-                handle = popleft()
+                handle = ready.popleft()
                 if not handle._cancelled:
                     self._run_handle_debug(handle)
                     if oob:
                         self._isolate.serve_control()  # type: ignore[union-attr]
             handle = None  # break cycles, as asyncio does
             return
+        # ready.popleft() each time, not a bound popleft: most turns run one
+        # or two handles, and binding it costs an allocation per turn.
         for _ in range(len(ready)):
-            handle = popleft()
+            handle = ready.popleft()
             if handle._cancelled:
                 continue
             try:
@@ -493,6 +491,14 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
             if oob:
                 self._isolate.serve_control()  # type: ignore[union-attr]
         handle = None
+
+    def _dart_drop_unwound(self, ready: collections.deque[asyncio.Handle]) -> None:
+        # Not inline in _run_once: the comprehension's closure would make
+        # _run_once allocate a cell on every call (3.11).
+        keep = self._dart_keep_while_unwinding
+        kept = [h for h in ready if not h._cancelled and keep(h._callback, h._args)]
+        ready.clear()
+        ready.extend(kept)
 
     def _run_handle_debug(self, handle: asyncio.Handle) -> None:
         # Debug mode: the same dispatch, timed, with asyncio's slow-callback
