@@ -111,35 +111,47 @@ class DartEventLoop(asyncio.AbstractEventLoop):
     _microtasks: collections.deque[tuple[Callable[..., object], tuple[Any, ...]]]
     _isolate: _IsolateState | None
     _dart_timers: _TimerQueue | None
+    _mt_append: Callable[[tuple[Callable[..., object], tuple[Any, ...]]], None]
+    _dart_thread_id: int | None
+    _keepalive: int
+    _executor_jobs: int
+    _dart_used_executor: bool
+    _dart_used_asyncgens: bool
+    _dart_oob: collections.deque[Any]
+    _dart_unwinding: bool
 
     # True for the classes whose hot paths are in dartloop/_speedups.c; the
     # isolate then dispatches native batches with the C loop too.
     _dart_accelerated = False
 
-    def _dart_setup(self, strict: bool) -> None:
-        self.strict = strict
-        self._microtasks = collections.deque()
+    def _dart_setup(self, strict: bool, fields: Any = None) -> None:
+        """Set dartloop's per-loop fields: on ``fields`` where given (the
+        asyncio backend's ``_dart_state``), else on the loop; ``_microtasks``
+        and ``_isolate`` always on the loop."""
+        f = self if fields is None else fields
+        f.strict = strict
+        self._microtasks = microtasks = collections.deque()
         # Bound once: schedule_microtask looks this up on the running loop.
-        self._mt_append = self._microtasks.append
+        f._mt_append = microtasks.append
         self._isolate = None
-        self._dart_timers = None
-        self._dart_thread_id: int | None = None
+        f._dart_timers = None
+        f._dart_thread_id = None
         # Sources that keep a spawned isolate alive and that the backend can't
         # see itself: keep-alive ports, open NativeCallables, Dart timers,
         # executor jobs. Read by the isolate's liveness check.
-        self._keepalive = 0
-        self._executor_jobs = 0
-        self._dart_used_executor = False
+        f._keepalive = 0
+        f._executor_jobs = 0
+        f._dart_used_executor = False
         # Set once an async generator started here: only then does an
         # ending isolate need to run shutdown_asyncgens().
-        self._dart_used_asyncgens = False
+        f._dart_used_asyncgens = False
         # The isolate's control queue (set by the isolate); served after
         # every event so that control actions run before the next event.
-        self._dart_oob: collections.deque[Any] = collections.deque()
+        f._dart_oob = collections.deque()
         # Set when a spawned isolate starts to end (exit, kill, fatal
         # error): from then on only what cancelling its leftover tasks needs
         # runs (see _dart_keep_while_unwinding).
-        self._dart_unwinding = False
+        f._dart_unwinding = False
 
     @staticmethod
     def _dart_keep_while_unwinding(callback: Callable[..., object], args: tuple[Any, ...]) -> bool:
@@ -325,13 +337,13 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
     _DIRECT_FIELDS = ("_microtasks", "_isolate")
 
     def __init__(self, selector: selectors.BaseSelector | None = None, *, strict: bool = False) -> None:
-        # First: the forwarding properties below store into it.
-        self._dart_state = _AsyncioLoopState()
-        self._dart_setup(strict)
-        self._wakeup_pending = False
+        self._dart_state = state = _AsyncioLoopState()
+        self._dart_setup(strict, state)
+        state._wakeup_pending = False
+        state._dart_watch_idle = False
         # Transports made by this loop, to tell whether a spawned isolate
         # still has I/O that can produce events (paused readers included).
-        self._dart_transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        state._dart_transports = weakref.WeakSet()
         super().__init__(selector)
 
     def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None) -> asyncio.Handle:
