@@ -119,7 +119,19 @@ class _IsolateState:
     # reads lives in slots, which both the bytecode's attribute caches and
     # the C SendPort.send (dartloop/_speedups.c, slot_get) read without a
     # dict lookup; everything else stays in the instance __dict__.
-    __slots__ = ("thread_id", "relay_port", "inbox", "inbox_scheduled", "__dict__", "__weakref__")
+    __slots__ = (
+        "thread_id",
+        "relay_port",
+        "inbox",
+        "inbox_scheduled",
+        "loop",
+        "oob",
+        "resume_caps",
+        "held",
+        "inbox_drain",
+        "__dict__",
+        "__weakref__",
+    )
 
     def __init__(
         self,
@@ -148,6 +160,9 @@ class _IsolateState:
         # burst (inbox_scheduled).
         self.inbox: collections.deque[Any] = collections.deque()
         self.inbox_scheduled = False
+        # self._drain_inbox, bound once the loop is known: what the C
+        # SendPort.send hands to loop.call_soon_threadsafe for a burst.
+        self.inbox_drain: Callable[[], None] | None = None
         # Control actions from any thread, served after the current event.
         self.oob: collections.deque[tuple[Any, ...]] = collections.deque()
         self.resume_caps: set[Capability] = set()
@@ -206,6 +221,7 @@ class _IsolateState:
             # attribute, so every `self._drain_inbox` (the wakeup that send
             # schedules, _release_held, deliver_native) finds it.
             self._drain_inbox = types.MethodType(_speedups_drain_inbox, self)  # type: ignore[method-assign]
+        self.inbox_drain = self._drain_inbox
 
     @property
     def control_port(self) -> SendPort:

@@ -63,7 +63,7 @@ static PyObject *str_context, *str_run, *str_microtasks, *str_neutral_ctx,
     *str_relay_box, *str_oob, *str_resume_caps, *str_held, *str_hold_message,
     *str_pop, *str_isolate_attr, *str_handler, *str_core, *str_closed,
     *str_thread_id, *str_deliver, *str_relay, *str_inbox, *str_inbox_scheduled,
-    *str_call_soon_threadsafe, *str_drain_inbox, *str_extend;
+    *str_call_soon_threadsafe, *str_drain_inbox, *str_extend, *str_inbox_drain;
 
 /* Lazily imported from dartloop (which imports this module first). */
 static PyObject *format_callback; /* dartloop._loop._format_callback */
@@ -1499,11 +1499,78 @@ speedups_schedule_microtask(PyObject *module, PyObject *const *args, Py_ssize_t 
 /* ----------------------------------------------------------------------- */
 /* dispatch_native: dartloop._isolate._dispatch_native                     */
 
+/* Reading a __slots__ attribute (SendPort._core, _PortCore.closed / isolate /
+ * handler, the _IsolateState slots) without the generic lookup.  Python's own
+ * bytecode reads these through inline caches, so a C version that called
+ * PyObject_GetAttr for each was hardly faster than the pure method (measured:
+ * about 235 ns a send against 270 ns); this is the same idea: remember,
+ * per call site, the member descriptor that the type lookup found, and use
+ * it while the type is unchanged.  Any change to a type (or a base) resets
+ * its tp_version_tag, and tags are never reused, so a matching tag means the
+ * lookup would find the same descriptor.  Reading through PyMember_GetOne is
+ * what the descriptor's own __get__ does (AttributeError for an empty slot).
+ * Anything else (another type, a __getattribute__ or __getattr__, no member
+ * descriptor, no valid tag yet) takes the ordinary PyObject_GetAttr. */
+typedef struct {
+    PyTypeObject *type; /* strong */
+    unsigned int version;
+    PyMemberDef *member;
+} SlotCache;
+
+static PyObject *
+slot_get(PyObject *obj, PyObject *name, SlotCache *cache)
+{
+#ifndef Py_GIL_DISABLED
+    PyTypeObject *tp = Py_TYPE(obj);
+    if (tp == cache->type && tp->tp_version_tag == cache->version && cache->version != 0) {
+        return PyMember_GetOne((const char *)obj, cache->member);
+    }
+    if (tp->tp_getattro == PyObject_GenericGetAttr) {
+        PyObject *descr = _PyType_Lookup(tp, name); /* borrowed; assigns a version tag */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) && tp->tp_version_tag != 0) {
+            Py_XSETREF(cache->type, (PyTypeObject *)Py_NewRef((PyObject *)tp));
+            cache->version = tp->tp_version_tag;
+            cache->member = ((PyMemberDescrObject *)descr)->d_member;
+            return PyMember_GetOne((const char *)obj, cache->member);
+        }
+    }
+#endif
+    return PyObject_GetAttr(obj, name);
+}
+
+/* The store through the same kind of cache (one cache per call site kind:
+ * a type with its own __setattr__ takes the ordinary path). */
+static int
+slot_set(PyObject *obj, PyObject *name, PyObject *value, SlotCache *cache)
+{
+#ifndef Py_GIL_DISABLED
+    PyTypeObject *tp = Py_TYPE(obj);
+    if (tp == cache->type && tp->tp_version_tag == cache->version && cache->version != 0) {
+        return PyMember_SetOne((char *)obj, cache->member, value);
+    }
+    if (tp->tp_setattro == PyObject_GenericSetAttr) {
+        PyObject *descr = _PyType_Lookup(tp, name); /* borrowed; assigns a version tag */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) && tp->tp_version_tag != 0) {
+            Py_XSETREF(cache->type, (PyTypeObject *)Py_NewRef((PyObject *)tp));
+            cache->version = tp->tp_version_tag;
+            cache->member = ((PyMemberDescrObject *)descr)->d_member;
+            return PyMember_SetOne((char *)obj, cache->member, value);
+        }
+    }
+#endif
+    return PyObject_SetAttr(obj, name, value);
+}
+
+static SlotCache cache_send_port_core, cache_core_closed, cache_core_isolate, cache_core_handler,
+    cache_iso_thread_id, cache_iso_relay_port, cache_iso_inbox, cache_iso_inbox_scheduled,
+    cache_iso_inbox_drain, cache_iso_loop, cache_iso_oob, cache_iso_resume_caps, cache_iso_held,
+    cache_set_inbox_scheduled;
+
 /* bool(state.resume_caps) or bool(state.held) */
 static int
 isolate_waiting(PyObject *state)
 {
-    PyObject *o = PyObject_GetAttr(state, str_resume_caps);
+    PyObject *o = slot_get(state, str_resume_caps, &cache_iso_resume_caps);
     if (o == NULL) {
         return -1;
     }
@@ -1512,7 +1579,7 @@ isolate_waiting(PyObject *state)
     if (t != 0) {
         return t;
     }
-    o = PyObject_GetAttr(state, str_held);
+    o = slot_get(state, str_held, &cache_iso_held);
     if (o == NULL) {
         return -1;
     }
@@ -1692,47 +1759,6 @@ done:
 /* ----------------------------------------------------------------------- */
 /* Ports: SendPort.send and _IsolateState._drain_inbox                     */
 
-/* Reading a __slots__ attribute (SendPort._core, _PortCore.closed / isolate /
- * handler, the _IsolateState slots) without the generic lookup.  Python's own
- * bytecode reads these through inline caches, so a C version that called
- * PyObject_GetAttr for each was hardly faster than the pure method (measured:
- * about 235 ns a send against 270 ns); this is the same idea: remember,
- * per call site, the member descriptor that the type lookup found, and use
- * it while the type is unchanged.  Any change to a type (or a base) resets
- * its tp_version_tag, and tags are never reused, so a matching tag means the
- * lookup would find the same descriptor.  Reading through PyMember_GetOne is
- * what the descriptor's own __get__ does (AttributeError for an empty slot).
- * Anything else (another type, a __getattribute__ or __getattr__, no member
- * descriptor, no valid tag yet) takes the ordinary PyObject_GetAttr. */
-typedef struct {
-    PyTypeObject *type; /* strong */
-    unsigned int version;
-    PyMemberDef *member;
-} SlotCache;
-
-static PyObject *
-slot_get(PyObject *obj, PyObject *name, SlotCache *cache)
-{
-#ifndef Py_GIL_DISABLED
-    PyTypeObject *tp = Py_TYPE(obj);
-    if (tp == cache->type && tp->tp_version_tag == cache->version && cache->version != 0) {
-        return PyMember_GetOne((const char *)obj, cache->member);
-    }
-    if (tp->tp_getattro == PyObject_GenericGetAttr) {
-        PyObject *descr = _PyType_Lookup(tp, name); /* borrowed; assigns a version tag */
-        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) && tp->tp_version_tag != 0) {
-            Py_XSETREF(cache->type, (PyTypeObject *)Py_NewRef((PyObject *)tp));
-            cache->version = tp->tp_version_tag;
-            cache->member = ((PyMemberDescrObject *)descr)->d_member;
-            return PyMember_GetOne((const char *)obj, cache->member);
-        }
-    }
-#endif
-    return PyObject_GetAttr(obj, name);
-}
-
-static SlotCache cache_send_port_core, cache_core_closed, cache_core_isolate, cache_core_handler,
-    cache_iso_thread_id, cache_iso_relay_port, cache_iso_inbox, cache_iso_inbox_scheduled;
 
 /* Exact types that are surely in dartloop._message._ATOMIC (checked when it
  * is first read): most messages are one of these, and then the set lookup of
@@ -1956,11 +1982,17 @@ port_send(PyObject *send_port, PyObject *message)
         goto done;
     }
     if (!t) {
-        if (PyObject_SetAttr(iso, str_inbox_scheduled, Py_True) < 0) {
+        if (slot_set(iso, str_inbox_scheduled, Py_True, &cache_set_inbox_scheduled) < 0) {
             goto done;
         }
-        PyObject *loop = PyObject_GetAttr(iso, str_loop);
-        PyObject *drain = loop == NULL ? NULL : PyObject_GetAttr(iso, str_drain_inbox);
+        /* iso.inbox_drain is iso._drain_inbox bound once (bind_loop), and
+         * iso.loop a slot: no attribute lookups but the method's, which an
+         * instance attribute may still override, as in the Python code. */
+        PyObject *loop = slot_get(iso, str_loop, &cache_iso_loop);
+        PyObject *drain = loop == NULL ? NULL : slot_get(iso, str_inbox_drain, &cache_iso_inbox_drain);
+        if (drain == Py_None) {
+            Py_SETREF(drain, PyObject_GetAttr(iso, str_drain_inbox));
+        }
         PyObject *handle = NULL;
         if (drain != NULL) {
             PyObject *stack[2] = {loop, drain};
@@ -2067,12 +2099,13 @@ static PyObject *
 speedups_drain_inbox(PyObject *module, PyObject *state)
 {
     PyObject *inbox = NULL, *loop = NULL, *microtasks = NULL, *oob = NULL, *result = NULL;
-    if (PyObject_SetAttr(state, str_inbox_scheduled, Py_False) < 0) {
+    if (slot_set(state, str_inbox_scheduled, Py_False, &cache_set_inbox_scheduled) < 0) {
         return NULL;
     }
-    if ((inbox = PyObject_GetAttr(state, str_inbox)) == NULL || (loop = PyObject_GetAttr(state, str_loop)) == NULL ||
+    if ((inbox = slot_get(state, str_inbox, &cache_iso_inbox)) == NULL ||
+        (loop = slot_get(state, str_loop, &cache_iso_loop)) == NULL ||
         (microtasks = PyObject_GetAttr(loop, str_microtasks)) == NULL ||
-        (oob = PyObject_GetAttr(state, str_oob)) == NULL) {
+        (oob = slot_get(state, str_oob, &cache_iso_oob)) == NULL) {
         goto done;
     }
     /* As in the Python method: whether messages must wait changes only when
@@ -2133,14 +2166,14 @@ speedups_drain_inbox(PyObject *module, PyObject *state)
         goto done;
     }
     if (more) {
-        PyObject *o = PyObject_GetAttr(state, str_inbox_scheduled);
+        PyObject *o = slot_get(state, str_inbox_scheduled, &cache_iso_inbox_scheduled);
         int scheduled = is_true(o);
         Py_XDECREF(o);
         if (scheduled < 0) {
             goto done;
         }
         if (!scheduled) {
-            if (PyObject_SetAttr(state, str_inbox_scheduled, Py_True) < 0) {
+            if (slot_set(state, str_inbox_scheduled, Py_True, &cache_set_inbox_scheduled) < 0) {
                 goto done;
             }
             PyObject *drain = PyObject_GetAttr(state, str_drain_inbox);
@@ -2243,7 +2276,8 @@ PyInit__speedups(void)
         intern(&str_relay, "relay") < 0 || intern(&str_inbox, "inbox") < 0 ||
         intern(&str_inbox_scheduled, "inbox_scheduled") < 0 ||
         intern(&str_call_soon_threadsafe, "call_soon_threadsafe") < 0 ||
-        intern(&str_drain_inbox, "_drain_inbox") < 0 || intern(&str_extend, "extend") < 0) {
+        intern(&str_drain_inbox, "_drain_inbox") < 0 || intern(&str_extend, "extend") < 0 ||
+        intern(&str_inbox_drain, "inbox_drain") < 0) {
         return NULL;
     }
     str_exc_in_microtask = PyUnicode_FromString("Exception in microtask ");
