@@ -353,7 +353,7 @@ class _IsolateState:
         # At most ~1024 per call (the rest keeps the fd readable, so the loop
         # comes back after its other ready events): fair to them under a
         # flood from C, and the batch's objects stay in the CPU caches.
-        batch = queue.drain(1024)
+        batch = queue.drain_flat(1024)
         if self.inbox:
             # Sent before the relay existed (or by a thread that had not yet
             # seen it): older than anything of the same sender in the batch.
@@ -770,14 +770,18 @@ async def _as_coroutine(awaitable: Any) -> Any:
     return await awaitable
 
 
-def _dispatch_native(state: _IsolateState, batch: list[tuple[int, Any]], registry: dict[int, _PortCore]) -> None:
+def _dispatch_native(state: _IsolateState, batch: list[Any], registry: dict[int, _PortCore]) -> None:
     """Dispatch a batch drained from the native queue; isolate thread.
 
-    Each message is its own turn: ``handler(message)``, then the drain.
-    Messages to closed ports are dropped; relay tickets (see
+    ``batch`` is ``NativeQueue.drain_flat()``'s ``[port, value, port, value,
+    ...]``, in the queue's FIFO order (so each C thread's posts to a port
+    stay in order). Each message is its own turn: ``handler(message)``, then
+    the drain. Messages to closed ports are dropped (also those behind a
+    message whose handler closed the port); relay tickets (see
     ``_IsolateState.relay``) are exchanged for their message. While the
-    isolate is paused, messages are held in order. ``_speedups.dispatch_native``
-    is the C version (kept in step: tests/test_speedups.py).
+    isolate is paused (also by a control action served after a handler),
+    messages are held in order. ``_speedups.dispatch_native`` is the C
+    version (kept in step: tests/test_speedups.py).
     """
     loop = state.loop
     microtasks = loop._microtasks
@@ -787,13 +791,28 @@ def _dispatch_native(state: _IsolateState, batch: list[tuple[int, Any]], registr
     # As in _drain_inbox: whether messages must wait changes only when
     # control actions are served.
     waiting = state.resume_caps or state.held
-    for port_id, value in batch:
-        if port_id == relay_port:
+    # A run of messages to one port shares one port object (drain_flat): the
+    # port is resolved once per run. Its core stays right for the whole
+    # batch: a port that closes meanwhile keeps its core, whose handler is
+    # None from then on, and a core's isolate never changes.
+    last_port: object = None
+    last_core: _PortCore | None = None
+    is_relay = False
+    items = iter(batch)
+    for port_id, value in zip(items, items):
+        if port_id is not last_port:
+            last_port = port_id
+            is_relay = port_id == relay_port
+            if not is_relay:
+                last_core = get(port_id)  # type: ignore[arg-type]
+                if last_core is not None and last_core.isolate is not state:
+                    last_core = None
+        if is_relay:
             core, value = relay_box.pop(value)
+        elif last_core is None:
+            continue
         else:
-            core = get(port_id)
-            if core is None or core.isolate is not state:
-                continue
+            core = last_core
         if waiting:
             state._hold_message(core, value)
             continue

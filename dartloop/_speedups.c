@@ -1594,7 +1594,11 @@ isolate_waiting(PyObject *state)
 static int
 dispatch_one(PyObject *loop, PyObject *microtasks, PyObject *handler, PyObject *value)
 {
-    PyObject *res = PyObject_Vectorcall(handler, &value, 1, NULL);
+    /* With the slot in front of the argument free for the callee, a bound
+     * method handler (RawReceivePort(self.on_message)) puts self there
+     * instead of copying the arguments into a new array. */
+    PyObject *stack[2] = {NULL, value};
+    PyObject *res = PyObject_Vectorcall(handler, stack + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     if (res != NULL) {
         Py_DECREF(res);
     }
@@ -1629,11 +1633,78 @@ dispatch_one(PyObject *loop, PyObject *microtasks, PyObject *handler, PyObject *
     return 0;
 }
 
+/* ----------------------------------------------------------------------- */
+/* Ports: SendPort.send and _IsolateState._drain_inbox                     */
+
+
+/* ----------------------------------------------------------------------- */
+/* dispatch_native: dartloop._isolate._dispatch_native                     */
+/* (here, after slot_get, which it uses; its other helpers are above)      */
+
 PyDoc_STRVAR(dispatch_native_doc,
 "dispatch_native(state, batch, registry)\n--\n\n"
 "The C version of dartloop._isolate._dispatch_native: dispatch a batch\n"
-"drained from an isolate's native queue, each message its own turn.");
+"drained from an isolate's native queue (NativeQueue.drain_flat(): [port,\n"
+"value, port, value, ...]), each message its own turn.");
 
+/* core, value = relay_box.pop(ticket): new references, or -1. */
+static int
+relay_pop(PyObject *relay_box, PyObject *ticket, PyObject **core, PyObject **value)
+{
+    PyObject *pair = PyObject_CallMethodOneArg(relay_box, str_pop, ticket);
+    if (pair == NULL) {
+        return -1;
+    }
+    if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        Py_DECREF(pair);
+        PyErr_SetString(PyExc_TypeError, "dispatch_native: a relay entry must be a (core, message) tuple");
+        return -1;
+    }
+    *core = Py_NewRef(PyTuple_GET_ITEM(pair, 0));
+    *value = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
+    Py_DECREF(pair);
+    return 0;
+}
+
+/* *core = the core a run of messages to `port` goes to (a new reference),
+ * or NULL when it is not an open port of this isolate (the run is dropped);
+ * 0, or -1 with an exception set.
+ *     core = registry.get(port)
+ *     if core is not None and core.isolate is not state: core = None     */
+static int
+resolve_port(PyObject *registry, PyObject *state, PyObject *port, PyObject **core)
+{
+    *core = NULL;
+    PyObject *c = PyDict_GetItemWithError(registry, port);
+    if (c == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    Py_INCREF(c);
+    PyObject *owner = slot_get(c, str_isolate_attr, &cache_core_isolate);
+    if (owner == NULL) {
+        Py_DECREF(c);
+        return -1;
+    }
+    Py_DECREF(owner); /* only its identity is compared */
+    if (owner != state) {
+        Py_DECREF(c);
+        return 0;
+    }
+    *core = c;
+    return 0;
+}
+
+/* _isolate._dispatch_native, line by line; the per-message work is what
+ * decides the native posts' rate, so:
+ *   - a run of messages to one port (one port object, see drain_flat) is
+ *     resolved once: the relay comparison, the registry lookup and the
+ *     isolate check.  Holding on to the core for the whole run is what the
+ *     Python version does too, and is right: a port closed meanwhile keeps
+ *     its core, whose handler is None from then on (RawReceivePort.handler
+ *     can't be set on a closed port), and a core's isolate never changes;
+ *   - core.handler is still read for every message (a handler may replace
+ *     it or close the port), through the slot cache, not the generic
+ *     attribute lookup. */
 static PyObject *
 speedups_dispatch_native(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1644,7 +1715,16 @@ speedups_dispatch_native(PyObject *module, PyObject *const *args, Py_ssize_t nar
     PyObject *state = args[0], *batch = args[1], *registry = args[2];
     PyObject *loop = NULL, *microtasks = NULL, *relay_port = NULL, *relay_box = NULL, *oob = NULL;
     PyObject *result = NULL;
+    /* The current run: its port object (strong, so that a new int can't take
+     * its address while we compare against it) and its core (strong; NULL:
+     * drop the run). */
+    PyObject *last_port = NULL, *last_core = NULL;
+    int is_relay = 0;
     Py_INCREF(batch); /* a handler can't take it away from us */
+    if (PyList_GET_SIZE(batch) % 2 != 0) {
+        PyErr_SetString(PyExc_TypeError, "dispatch_native: the batch must be [port, value, port, value, ...]");
+        goto done;
+    }
     if ((loop = PyObject_GetAttr(state, str_loop)) == NULL ||
         (microtasks = PyObject_GetAttr(loop, str_microtasks)) == NULL ||
         (relay_port = PyObject_GetAttr(state, str_relay_port)) == NULL ||
@@ -1656,53 +1736,32 @@ speedups_dispatch_native(PyObject *module, PyObject *const *args, Py_ssize_t nar
     if (waiting < 0) {
         goto done;
     }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
-        PyObject *item = PyList_GET_ITEM(batch, i);
-        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2) {
-            PyErr_SetString(PyExc_TypeError, "dispatch_native: batch items must be (port, value) tuples");
-            goto done;
-        }
-        PyObject *port = PyTuple_GET_ITEM(item, 0);
+    /* Nobody else holds the batch (drain_flat made it for us), but the size
+     * is read on every step anyway: a list is never trusted to stay put
+     * across a call into Python. */
+    for (Py_ssize_t i = 0; i + 1 < PyList_GET_SIZE(batch); i += 2) {
+        PyObject *port = PyList_GET_ITEM(batch, i);
         PyObject *core, *value;
-        int is_relay = PyObject_RichCompareBool(port, relay_port, Py_EQ);
-        if (is_relay < 0) {
-            goto done;
+        if (port != last_port) {
+            Py_INCREF(port);
+            Py_XSETREF(last_port, port);
+            Py_CLEAR(last_core);
+            is_relay = PyObject_RichCompareBool(port, relay_port, Py_EQ);
+            if (is_relay < 0 || (!is_relay && resolve_port(registry, state, port, &last_core) < 0)) {
+                goto done;
+            }
         }
         if (is_relay) {
-            /* core, value = relay_box.pop(value) */
-            PyObject *pair = PyObject_CallMethodOneArg(relay_box, str_pop, PyTuple_GET_ITEM(item, 1));
-            if (pair == NULL) {
+            if (relay_pop(relay_box, PyList_GET_ITEM(batch, i + 1), &core, &value) < 0) {
                 goto done;
             }
-            if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
-                Py_DECREF(pair);
-                PyErr_SetString(PyExc_TypeError, "dispatch_native: a relay entry must be a (core, message) tuple");
-                goto done;
-            }
-            core = Py_NewRef(PyTuple_GET_ITEM(pair, 0));
-            value = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
-            Py_DECREF(pair);
+        }
+        else if (last_core == NULL) {
+            continue;
         }
         else {
-            core = PyDict_GetItemWithError(registry, port);
-            if (core == NULL) {
-                if (PyErr_Occurred()) {
-                    goto done;
-                }
-                continue;
-            }
-            Py_INCREF(core);
-            PyObject *owner = PyObject_GetAttr(core, str_isolate_attr);
-            if (owner == NULL) {
-                Py_DECREF(core);
-                goto done;
-            }
-            Py_DECREF(owner); /* only its identity is compared */
-            if (owner != state) {
-                Py_DECREF(core);
-                continue;
-            }
-            value = Py_NewRef(PyTuple_GET_ITEM(item, 1));
+            core = Py_NewRef(last_core);
+            value = Py_NewRef(PyList_GET_ITEM(batch, i + 1));
         }
         int rc = 0;
         if (waiting) {
@@ -1711,7 +1770,7 @@ speedups_dispatch_native(PyObject *module, PyObject *const *args, Py_ssize_t nar
             Py_XDECREF(r);
         }
         else {
-            PyObject *handler = PyObject_GetAttr(core, str_handler);
+            PyObject *handler = slot_get(core, str_handler, &cache_core_handler);
             if (handler == NULL) {
                 rc = -1;
             }
@@ -1748,6 +1807,8 @@ speedups_dispatch_native(PyObject *module, PyObject *const *args, Py_ssize_t nar
     result = Py_NewRef(Py_None);
 done:
     Py_DECREF(batch);
+    Py_XDECREF(last_port);
+    Py_XDECREF(last_core);
     Py_XDECREF(loop);
     Py_XDECREF(microtasks);
     Py_XDECREF(relay_port);
@@ -1755,10 +1816,6 @@ done:
     Py_XDECREF(oob);
     return result;
 }
-
-/* ----------------------------------------------------------------------- */
-/* Ports: SendPort.send and _IsolateState._drain_inbox                     */
-
 
 /* Exact types that are surely in dartloop._message._ATOMIC (checked when it
  * is first read): most messages are one of these, and then the set lookup of

@@ -992,6 +992,170 @@ async def test_native_batches_dispatch_alike_in_c_and_python(dispatcher: str, mo
     assert log == [x for i in [*range(200), "end"] for x in (i, f"mt {i}")]
 
 
+@pytest.fixture(params=["c", "python"])
+def native_dispatch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Native batches go through the C (``_speedups.dispatch_native``) or the
+    Python dispatch loop, on either backend. Returns the list that gets each
+    batch's size, in messages."""
+    from dartloop import _isolate
+
+    if request.param == "c":
+        impl = _isolate._speedups_dispatch_native
+        if impl is _isolate._dispatch_native:
+            pytest.skip("no C dispatch loop (not built, or DARTLOOP_NO_EXTENSIONS=1)")
+    else:
+        impl = _isolate._dispatch_native
+    sizes: list[int] = []
+
+    def dispatch(state: Any, batch: list[Any], registry: dict[int, Any]) -> None:
+        sizes.append(len(batch) // 2)
+        impl(state, batch, registry)
+
+    monkeypatch.setattr(_isolate, "_speedups_dispatch_native", dispatch)
+    monkeypatch.setattr(_isolate, "_dispatch_native", dispatch)
+    return sizes
+
+
+def end_port(done: asyncio.Future[None]) -> RawReceivePort:
+    """A port whose message ends the test's batch: the last one posted, so a
+    message dropped or run out of turn fails an assertion instead of a wait."""
+    return RawReceivePort(lambda _: done.set_result(None))
+
+
+def post_batch(posts: list[tuple[RawReceivePort, int]]) -> None:
+    """Post int64s from the isolate's own thread: the loop can't dispatch any
+    before the caller yields, so together they make one batch."""
+    api = native_api()
+    for port, value in posts:
+        assert api.post_int64(port.send_port.native_port, value)
+
+
+async def test_native_batch_to_several_ports_keeps_its_order(native_dispatch: list[int]) -> None:
+    """Runs of messages to one port, interleaved with other ports' and a
+    relayed send: one turn each (handler, then its microtask), in FIFO order."""
+    done = asyncio.get_running_loop().create_future()
+    log: list[Any] = []
+
+    def handler(name: str) -> Any:
+        def on_message(value: int) -> None:
+            log.append((name, value))
+            schedule_microtask(log.append, f"mt {value}")
+
+        return on_message
+
+    a, b, c = (RawReceivePort(handler(name)) for name in "abc")
+    end = end_port(done)
+    names = {a: "a", b: "b", c: "c"}
+    first = [(a, 1), (a, 2), (b, 3), (a, 4)]
+    post_batch(first)
+    # From another thread, through the relay: between the posts in the queue.
+    sender = threading.Thread(target=b.send_port.send, args=(50,))
+    sender.start()
+    sender.join()
+    second = [(c, 5), (c, 6), (b, 7), (a, 8), (a, 9), (c, 10)]
+    post_batch([*second, (end, 0)])
+    await done
+    order = [(names[p], v) for p, v in first] + [("b", 50)] + [(names[p], v) for p, v in second]
+    assert log == [x for name, v in order for x in ((name, v), f"mt {v}")]
+    assert native_dispatch == [len(order) + 1]
+    for port in (a, b, c, end):
+        port.close()
+
+
+async def test_native_batch_handler_errors_are_reported_and_the_batch_goes_on(
+    native_dispatch: list[int], loop_errors: Any
+) -> None:
+    done = asyncio.get_running_loop().create_future()
+    log: list[Any] = []
+
+    def on_a(value: int) -> None:
+        log.append(value)
+        schedule_microtask(log.append, f"mt {value}")  # drained after the error too
+        if value % 2:
+            raise ValueError(f"odd {value}")
+
+    a, b, end = RawReceivePort(on_a), RawReceivePort(log.append), end_port(done)
+    post_batch([(a, 1), (a, 2), (a, 3), (b, 4), (a, 5), (b, 6), (end, 0)])
+    await done
+    assert log == [1, "mt 1", 2, "mt 2", 3, "mt 3", 4, 5, "mt 5", 6]
+    errors = loop_errors.take()
+    assert [(type(c["exception"]), str(c["exception"])) for c in errors] == [
+        (ValueError, "odd 1"), (ValueError, "odd 3"), (ValueError, "odd 5")
+    ]
+    assert native_dispatch == [7]
+    for port in (a, b, end):
+        port.close()
+
+
+async def test_native_batch_drops_the_rest_for_a_port_closed_meanwhile(native_dispatch: list[int]) -> None:
+    """A port closed by a handler gets nothing more of the batch: neither the
+    rest of the run of messages being dispatched nor later ones; a handler
+    replaced by a handler takes the rest."""
+    done = asyncio.get_running_loop().create_future()
+    log: list[Any] = []
+
+    def on_a(value: int) -> None:
+        log.append(("a", value))
+        if value == 2:
+            a.close()  # 3 (same run) and 5 (a later run) are dropped
+
+    def on_b(value: int) -> None:
+        log.append(("b", value))
+        if value == 4:
+            c.close()  # after c's 31: its 6 is dropped
+
+    def on_c(value: int) -> None:
+        log.append(("c", value))
+
+    def on_d(value: int) -> None:
+        log.append(("d", value))
+        if value == 10:
+            d.handler = on_d2
+
+    def on_d2(value: int) -> None:
+        log.append(("d2", value))
+
+    a, b, c, d = RawReceivePort(on_a), RawReceivePort(on_b), RawReceivePort(on_c), RawReceivePort(on_d)
+    end = end_port(done)
+    post_batch([(a, 1), (a, 2), (a, 3), (c, 31), (b, 4), (a, 5), (c, 6), (b, 7), (d, 10), (d, 11), (d, 12), (end, 0)])
+    await done
+    assert log == [("a", 1), ("a", 2), ("c", 31), ("b", 4), ("b", 7), ("d", 10), ("d2", 11), ("d2", 12)]
+    assert native_dispatch == [12]
+    for port in (b, d, end):
+        port.close()
+
+
+async def test_native_batch_paused_by_a_handler_holds_the_rest_in_order(native_dispatch: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    me = Isolate.current
+    state = loop._isolate  # type: ignore[attr-defined]
+    paused = loop.create_future()
+    done = loop.create_future()
+    log: list[Any] = []
+    caps: list[Any] = []
+
+    def on_a(value: int) -> None:
+        log.append(value)
+        schedule_microtask(log.append, f"mt {value}")
+        if value == 2:
+            # Served after this turn (its microtask included), before 3.
+            caps.append(me.pause())
+            paused.set_result(None)
+
+    a, b, end = RawReceivePort(on_a), RawReceivePort(log.append), end_port(done)
+    post_batch([(a, 1), (a, 2), (a, 3), (b, 4), (a, 5), (a, 6)])
+    await paused
+    assert log == [1, "mt 1", 2, "mt 2"]
+    assert len(state.held) == 4
+    post_batch([(b, 7), (end, 0)])  # a later batch, held behind the rest of the first
+    me.resume(caps[0])
+    await done
+    assert log == [1, "mt 1", 2, "mt 2", 3, "mt 3", 4, 5, "mt 5", 6, "mt 6", 7]
+    assert native_dispatch == [6, 2]
+    for port in (a, b, end):
+        port.close()
+
+
 async def test_sends_still_arrive_after_the_last_native_port_closes() -> None:
     native = RawReceivePort()
     assert native.send_port.native_port > 0

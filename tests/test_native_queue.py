@@ -485,6 +485,50 @@ def test_fifo_across_ports_of_one_queue(impl: Impl, queue: Any) -> None:
     assert queue.drain() == sent
 
 
+def test_drain_flat_is_drain_flattened(impl: Impl, queue: Any) -> None:
+    """drain_flat(): drain()'s messages in the same order as [port, value, ...],
+    one int object for the port of a run of messages to it."""
+    a, b = new_port(), new_port()
+    impl.mod.bind_port(a, queue)
+    impl.mod.bind_port(b, queue)
+    assert queue.drain_flat() == []
+    sent = [(a, 1), (a, 2), (b, 3), (a, 4), (a, 5), (a, 6), (b, 7)]
+    for p, v in sent:
+        assert impl.api.post_int64(p, v)
+    assert impl.api.post_string(b, b"s")
+    assert impl.api.post_null(b)
+    sent += [(b, "s"), (b, None)]
+    flat = queue.drain_flat()
+    assert flat == [x for pair in sent for x in pair]
+    ports = flat[0::2]
+    assert ports[0] is ports[1]
+    assert ports[3] is ports[4] is ports[5]
+    assert ports[6] is ports[7] is ports[8]
+    assert not readable(queue)
+    assert queue.drain_flat() == []
+
+
+def test_drain_flat_limit(impl: Impl, queue: Any) -> None:
+    port = new_port()
+    impl.mod.bind_port(port, queue)
+    for i in range(3000):
+        assert impl.api.post_int64(port, i)
+    first = queue.drain_flat(10)
+    # At least the limit (the C queue takes whole chunks), oldest first; the
+    # wakeup stays pending for the rest.
+    assert 20 <= len(first) < 6000
+    assert first[1::2] == list(range(len(first) // 2))
+    assert readable(queue)
+    rest = queue.drain_flat()
+    assert (first + rest)[1::2] == list(range(3000))
+    assert set((first + rest)[0::2]) == {port}
+    assert not readable(queue)
+    with pytest.raises(ValueError):
+        queue.drain_flat(0)
+    with pytest.raises(TypeError):
+        queue.drain_flat(1, 2)
+
+
 def test_unknown_and_unbound_ports_return_false(impl: Impl, queue: Any) -> None:
     api = impl.api
     port = new_port()

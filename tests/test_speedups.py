@@ -1519,7 +1519,7 @@ MIRRORED = {
     "_UVDartLoop.call_soon_threadsafe": "df13abcf335f8690",
     "_UVDartLoop.call_later": "0566a20e56a9dcc6",
     "_protocols._drained": "ae63bbf359714992",
-    "_isolate._dispatch_native": "99b841ead1470b51",
+    "_isolate._dispatch_native": "af4cd94b17cf1625",
     "SendPort.send": "4431a5413dd17b12",
     "_IsolateState.post": "c89785f21f6bf10c",
     "_IsolateState._drain_inbox": "453434d38276479d",

@@ -122,6 +122,26 @@ class NativeQueue:
             self._items = collections.deque()
         return list(items)
 
+    def drain_flat(self, limit: int | None = None) -> list[object]:
+        """Owning isolate thread.  :meth:`drain`, flattened.
+
+        ``[port, value, port, value, ...]``: the same messages in the same
+        order, without a tuple per message (what the isolate's dispatch loop
+        reads, see ``dartloop._isolate._dispatch_native``).  Consecutive
+        messages to one port share one int object for the port.
+        """
+        flat: list[object] = []
+        append = flat.append
+        last: object = None
+        for port, value in self.drain(limit):
+            # As the C queue: one int object for a run of one port's messages.
+            if port == last:
+                port = last
+            last = port
+            append(port)
+            append(value)
+        return flat
+
     def close(self) -> None:
         """Any thread; idempotent.  Unbind this queue's ports, drop pending messages, close the fd.
 
