@@ -200,6 +200,7 @@ def test_timers_due_together_run_in_order_before_what_they_queue(kit: Kit) -> No
         sched(out.append, f"{tag}.m")
         if tag == "t1":
             loop.call_soon(out.append, "queued by t1")
+            loop.call_soon(done.set_result, None)
             handles["t3"].cancel()
 
     def arm() -> None:
@@ -209,9 +210,11 @@ def test_timers_due_together_run_in_order_before_what_they_queue(kit: Kit) -> No
         _overdue(loop, when)
         loop.call_soon(out.append, "queued before they came due")
 
+    done = loop.create_future()
+
     async def main() -> None:
         loop.call_soon(arm)
-        await asyncio.sleep(0.05)
+        await done
 
     kit.run(main())
     assert out == [
@@ -264,11 +267,14 @@ def test_uvloop_timers_due_together_keep_their_order_across_debug_mode(path: str
         loop.call_at(when + 2e-6, out.append, "t3 (debug)")
         loop.set_debug(False)
         loop.call_at(when + 3e-6, out.append, "t4")
+        loop.call_at(when + 4e-6, done.set_result, None)
         _overdue(loop, when)
+
+    done = loop.create_future()
 
     async def main() -> None:
         loop.call_soon(arm)
-        await asyncio.sleep(0.05)
+        await done
 
     try:
         loop.run_until_complete(main())
