@@ -65,7 +65,7 @@ static PyObject *str_context, *str_run, *str_microtasks, *str_neutral_ctx,
     *str_relay_box, *str_oob, *str_resume_caps, *str_held, *str_hold_message,
     *str_pop, *str_isolate_attr, *str_handler, *str_core, *str_closed,
     *str_thread_id, *str_deliver, *str_relay, *str_inbox, *str_inbox_scheduled,
-    *str_call_soon_threadsafe, *str_drain_inbox, *str_extend;
+    *str_call_soon_threadsafe, *str_drain_inbox, *str_extend, *str_getattribute;
 
 /* Lazily imported from dartloop (which imports this module first). */
 static PyObject *format_callback; /* dartloop._loop._format_callback */
@@ -475,7 +475,7 @@ run_event(EventRunner *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *ctx = args[0], *callback = args[1];
-    runner_close_batch(self);
+    runner_close_batch(self); /* what the event queues goes behind the batch */
     /* if self._dart_unwinding and not self._dart_keep_while_unwinding(callback, args): return */
     int u = is_true(self->unwinding);
     if (u < 0) {
@@ -1088,12 +1088,12 @@ timer_batch_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject
     if (runner == NULL || events == NULL) {
         Py_RETURN_NONE; /* ran already */
     }
-    if (runner->batch == op) {
-        runner_close_batch(runner);
-    }
-    self->events = NULL;
     Py_INCREF(self);
     Py_INCREF(runner);
+    if (runner->batch == op) {
+        runner_close_batch(runner); /* it runs: nothing joins it any more */
+    }
+    self->events = NULL;
     PyObject *res = Py_None;
     Py_ssize_t n = PyList_GET_SIZE(events), i;
     for (i = 0; i < n; i++) {
@@ -1373,13 +1373,17 @@ restore_exception(PyObject *exc)
 #endif
 }
 
+static PyObject *proxy_slot_get(PyObject *proxy, PyObject *name, int which);
+
 /* A protocol proxy's method (dartloop._protocols._drained(name)):
  *     try:
  *         return getattr(self._dartloop_target, name)(*args)
  *     finally:
  *         loop = self._dartloop_loop
  *         if loop._microtasks:
- *             loop._run_pending_immediate_callback()  */
+ *             loop._run_pending_immediate_callback()
+ * The proxy's two slots are read directly (proxy_slot_get), and the uvloop
+ * backend's microtask queue is its runner's (the same deque). */
 static PyObject *
 loopmethod_drained(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -1388,7 +1392,7 @@ loopmethod_drained(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObject
         return fallback_call(m, args, nargsf, kwnames);
     }
     PyObject *proxy = args[0];
-    PyObject *res = NULL, *target = PyObject_GetAttr(proxy, str_target);
+    PyObject *res = NULL, *target = proxy_slot_get(proxy, str_target, 0);
     if (target != NULL) {
         PyObject *small[SMALL_STACK];
         PyObject **stack = small;
@@ -1418,9 +1422,13 @@ loopmethod_drained(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObject
         PyErr_SetHandledException(exc);
     }
     int rc = -1;
-    PyObject *loop = PyObject_GetAttr(proxy, str_proxy_loop);
+    PyObject *loop = proxy_slot_get(proxy, str_proxy_loop, 1);
     if (loop != NULL) {
-        PyObject *q = PyObject_GetAttr(loop, str_microtasks);
+        /* loop._microtasks: the uvloop backend's runner holds it */
+        EventRunner *runner = loop_runner(loop);
+        PyObject *q = runner != NULL && runner->microtasks != NULL ? Py_NewRef(runner->microtasks)
+                                                                   : PyObject_GetAttr(loop, str_microtasks);
+        Py_XDECREF(runner);
         if (q != NULL) {
             int t = is_true(q);
             Py_DECREF(q);
@@ -2003,6 +2011,47 @@ slot_get(PyObject *obj, PyObject *name, SlotCache *cache)
     return PyObject_GetAttr(obj, name);
 }
 
+/* A protocol proxy's own slot (_dartloop_target, _dartloop_loop), read as
+ * getattr(proxy, name) would: the proxy classes have a __getattr__, which
+ * Python calls only when the ordinary lookup fails, and the ordinary lookup
+ * finds the slot's member descriptor first.  So the slot is read directly
+ * when the type's lookup is the ordinary one (object.__getattribute__) and
+ * the name is a member of it; anything else, and an empty slot, go through
+ * getattr. */
+static SlotCache cache_proxy_slot[2];
+static PyObject *object_getattribute; /* object.__getattribute__ (the slot wrapper) */
+
+static PyObject *
+proxy_slot_get(PyObject *proxy, PyObject *name, int which)
+{
+#ifndef Py_GIL_DISABLED
+    SlotCache *cache = &cache_proxy_slot[which];
+    PyTypeObject *tp = Py_TYPE(proxy);
+    if (!(tp == cache->type && tp->tp_version_tag == cache->version && cache->version != 0)) {
+        cache->version = 0;
+        if (object_getattribute == NULL) {
+            object_getattribute = _PyType_Lookup(&PyBaseObject_Type, str_getattribute);
+            Py_XINCREF(object_getattribute);
+        }
+        PyObject *descr = _PyType_Lookup(tp, name); /* borrowed; assigns a version tag */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+            ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX && object_getattribute != NULL &&
+            _PyType_Lookup(tp, str_getattribute) == object_getattribute && tp->tp_version_tag != 0) {
+            Py_XSETREF(cache->type, (PyTypeObject *)Py_NewRef((PyObject *)tp));
+            cache->version = tp->tp_version_tag;
+            cache->member = ((PyMemberDescrObject *)descr)->d_member;
+        }
+    }
+    if (cache->version != 0) {
+        PyObject *v = *(PyObject **)((char *)proxy + cache->member->offset);
+        if (v != NULL) {
+            return Py_NewRef(v);
+        }
+    }
+#endif
+    return PyObject_GetAttr(proxy, name);
+}
+
 static SlotCache cache_send_port_core, cache_core_closed, cache_core_isolate, cache_core_handler,
     cache_iso_thread_id, cache_iso_relay_port, cache_iso_inbox, cache_iso_inbox_scheduled;
 
@@ -2515,7 +2564,8 @@ PyInit__speedups(void)
         intern(&str_relay, "relay") < 0 || intern(&str_inbox, "inbox") < 0 ||
         intern(&str_inbox_scheduled, "inbox_scheduled") < 0 ||
         intern(&str_call_soon_threadsafe, "call_soon_threadsafe") < 0 ||
-        intern(&str_drain_inbox, "_drain_inbox") < 0 || intern(&str_extend, "extend") < 0) {
+        intern(&str_drain_inbox, "_drain_inbox") < 0 || intern(&str_extend, "extend") < 0 ||
+        intern(&str_getattribute, "__getattribute__") < 0) {
         return NULL;
     }
     str_exc_in_microtask = PyUnicode_FromString("Exception in microtask ");
