@@ -1267,6 +1267,9 @@ loop_runner(PyObject *loop)
  *     token[0] = handle; self._dart_timer_handles.add(handle); return handle
  * with ctx = context if context is not None else contextvars.copy_context().
  * (The C call_later registers a TimerEvent in place of the method and token.) */
+/* The last "context" keyword name that was not str_context itself. */
+static PyObject *context_kw_seen;
+
 static PyObject *
 loopmethod_schedule(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -1281,8 +1284,13 @@ loopmethod_schedule(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObjec
         Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
         for (Py_ssize_t i = 0; i < nkw; i++) {
             PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-            if (key != str_context && !(PyUnicode_Check(key) && PyUnicode_Compare(key, str_context) == 0)) {
-                return fallback_call(m, args, nargsf, kwnames); /* raises the TypeError */
+            if (key != str_context && key != context_kw_seen) {
+                if (!(PyUnicode_Check(key) && PyUnicode_Compare(key, str_context) == 0)) {
+                    return fallback_call(m, args, nargsf, kwnames); /* raises the TypeError */
+                }
+                /* Python 3.11's C futures name it with a string of their
+                 * own, the same object every time: remember it. */
+                Py_XSETREF(context_kw_seen, Py_NewRef(key));
             }
             context = args[nargs + i];
         }
