@@ -1105,7 +1105,10 @@ if SPEEDUPS is not None:
             bound ``_run_event``; ``call_soon`` and ``call_soon_threadsafe``
             register it with uvloop directly, without a Python frame, and
             ``call_later`` registers a C ``TimerEvent`` (``_run_timer_event``
-            bound to the timer's handle).
+            bound to the timer's handle). Timers that libuv finds due one
+            after the other are queued as one C ``TimerBatch`` instead of one
+            ready callback each, in the same order (see ``TimerEvent`` in
+            ``_speedups.c``).
             """
 
             def __init__(self, *, strict: bool = False) -> None:
@@ -1122,6 +1125,18 @@ if SPEEDUPS is not None:
                 super()._dart_release_refs()
                 self._dart_run_event = _closed_loop_runner
                 self._dart_runner.release()
+
+            # Due timers join the timer batch queued last (see TimerEvent in
+            # _speedups.c) only while nothing else can have been queued
+            # behind it: a new run, or a timer that comes due through the
+            # Python path (debug mode), closes it.
+            def run_forever(self) -> None:
+                self._dart_runner.close_batch()
+                super().run_forever()
+
+            def _run_timer_event(self, *args: Any) -> None:
+                self._dart_runner.close_batch()
+                super()._run_timer_event(*args)
 
             _dart_accelerated = True
             _dart_events = _runner_field("events")

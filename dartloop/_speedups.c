@@ -11,7 +11,9 @@
  *   drain(loop)              DartEventLoop._run_pending_immediate_callback
  *   EventRunner(loop)        _UVDartLoop._run_event
  *   TimerEvent               _UVDartLoop._run_timer_event and _run_due_timer,
- *                            one per timer (made by the C call_later)
+ *                            one per timer (made by the C call_later); timers
+ *                            that come due together are queued as one
+ *                            TimerBatch, same order (see there)
  *   LoopMethod(kind, ...)    a method descriptor for the accelerated loop
  *                            classes: call_soon / call_soon_threadsafe /
  *                            call_later of the uvloop backend, and the drain;
@@ -63,7 +65,7 @@ static PyObject *str_context, *str_run, *str_microtasks, *str_neutral_ctx,
     *str_relay_box, *str_oob, *str_resume_caps, *str_held, *str_hold_message,
     *str_pop, *str_isolate_attr, *str_handler, *str_core, *str_closed,
     *str_thread_id, *str_deliver, *str_relay, *str_inbox, *str_inbox_scheduled,
-    *str_call_soon_threadsafe, *str_drain_inbox, *str_extend, *str_inbox_drain;
+    *str_call_soon_threadsafe, *str_drain_inbox, *str_extend, *str_inbox_drain, *str_getattribute;
 
 /* Lazily imported from dartloop (which imports this module first). */
 static PyObject *format_callback; /* dartloop._loop._format_callback */
@@ -352,15 +354,27 @@ typedef struct EventRunner {
     PyObject *oob;
     PyObject *watch_idle;
     PyObject *unwinding;
+    /* The timer batch queued last (a TimerBatch, see there) while due timers
+     * may still join it, else NULL. */
+    PyObject *batch;
     Py_ssize_t events;
     int c_drain;            /* the loop class drains with LoopMethod "drain" */
     int bound;
 } EventRunner;
 
+/* Anything else may have been appended to uvloop's ready queue behind the
+ * open timer batch: due timers must not join it any more. */
+static inline void
+runner_close_batch(EventRunner *self)
+{
+    Py_CLEAR(self->batch);
+}
+
 #define SMALL_STACK 12
 
 static PyTypeObject EventRunner_Type;
 static PyTypeObject LoopMethod_Type;
+static int load_timer_handle_type(void);
 
 /* The runner of the loop that scheduled last, so that call_soon finds it
  * without a dict lookup. Borrowed: a runner clears it when it goes away, and
@@ -385,6 +399,7 @@ runner_alloc(PyObject *loop)
     self->oob = NULL;
     self->watch_idle = Py_NewRef(Py_False);
     self->unwinding = Py_NewRef(Py_False);
+    self->batch = NULL;
     self->events = 0;
     self->c_drain = 0;
     self->bound = 0;
@@ -413,6 +428,7 @@ runner_traverse(EventRunner *self, visitproc visit, void *arg)
     Py_VISIT(self->oob);
     Py_VISIT(self->watch_idle);
     Py_VISIT(self->unwinding);
+    Py_VISIT(self->batch);
     return 0;
 }
 
@@ -430,6 +446,7 @@ runner_clear(EventRunner *self)
     Py_CLEAR(self->oob);
     Py_CLEAR(self->watch_idle);
     Py_CLEAR(self->unwinding);
+    Py_CLEAR(self->batch);
     return 0;
 }
 
@@ -458,6 +475,7 @@ run_event(EventRunner *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *ctx = args[0], *callback = args[1];
+    runner_close_batch(self); /* what the event queues goes behind the batch */
     /* if self._dart_unwinding and not self._dart_keep_while_unwinding(callback, args): return */
     int u = is_true(self->unwinding);
     if (u < 0) {
@@ -622,6 +640,10 @@ runner_bind(EventRunner *self, PyObject *unused)
     }
     self->c_drain = Py_IS_TYPE(drain, &LoopMethod_Type);
     Py_DECREF(drain);
+    if (load_timer_handle_type() < 0) {
+        /* an unknown uvloop: every timer is queued on its own */
+        PyErr_Clear();
+    }
     self->bound = 1;
     Py_RETURN_NONE;
 }
@@ -638,7 +660,20 @@ runner_release(EventRunner *self, PyObject *unused)
         last_runner = NULL;
     }
     self->bound = 0;
+    Py_CLEAR(self->batch);
     Py_CLEAR(self->loop);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(runner_close_batch_doc,
+"close_batch()\n--\n\n"
+"Due timers must not join the timer batch queued last any more (something\n"
+"else may have been queued behind it).");
+
+static PyObject *
+runner_close_batch_meth(EventRunner *self, PyObject *unused)
+{
+    runner_close_batch(self);
     Py_RETURN_NONE;
 }
 
@@ -708,6 +743,7 @@ static PyGetSetDef runner_getset[] = {
 static PyMethodDef runner_methods[] = {
     {"bind", (PyCFunction)runner_bind, METH_NOARGS, runner_bind_doc},
     {"release", (PyCFunction)runner_release, METH_NOARGS, runner_release_doc},
+    {"close_batch", (PyCFunction)runner_close_batch_meth, METH_NOARGS, runner_close_batch_doc},
     {NULL},
 };
 
@@ -744,7 +780,25 @@ static PyTypeObject EventRunner_Type = {
  *     uvloop.Loop.call_soon(loop, self, context=neutral)
  * second call (its turn, _run_due_timer):
  *     self._dart_timer_handles.discard(handle)
- *     if not handle.cancelled(): self._run_event(ctx, callback, *args) */
+ *     if not handle.cancelled(): self._run_event(ctx, callback, *args)
+ *
+ * Timer batches.  Due timers that libuv runs one after the other in its
+ * timer phase would each be queued at the back of the ready queue, one
+ * behind the other.  Instead, the first one queues a TimerBatch, and the
+ * ones that come due after it in the same phase join that batch, which then
+ * runs each one's second call in order, as their own queue entries would
+ * have.  That is the same order as long as nothing else was queued behind
+ * the batch meanwhile, so the runner forgets the batch ("closes" it) at
+ * every other call_soon / call_soon_threadsafe / call_later of the loop, at
+ * every event, when the batch starts to run, at run_forever() and when a
+ * Python-level timer comes due (runner_close_batch, close_batch()).  uvloop
+ * queues callbacks of its own (a transport's connection_made, ...) only
+ * from I/O callbacks, from code run by events, or between two runs, never
+ * between two timers of one timer phase: what is queued there has run by
+ * the time libuv's next timer phase (or next run) comes.  A zero-delay
+ * call_later is a ready callback in uvloop, not a timer: its first call is
+ * made from the ready queue, where code can run between two of them, so it
+ * is queued on its own, as before, and closes the batch. */
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
@@ -754,9 +808,24 @@ typedef struct {
     PyObject *callback;
     PyObject *args; /* tuple */
     int due;        /* called once: queued as a ready event */
+    int ready;      /* uvloop made it a ready callback (zero delay), not a timer */
 } TimerEvent;
 
-static PyObject *uv_call_soon; /* uvloop.Loop.call_soon, lazily */
+/* The due timers of one batch, queued as one ready callback. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    EventRunner *runner;
+    PyObject *events; /* list of TimerEvent, NULL once it ran */
+} TimerBatch;
+
+static PyTypeObject TimerEvent_Type, TimerBatch_Type;
+static PyObject *timer_batch_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject *kwnames);
+static void restore_exception(PyObject *exc);
+
+static PyObject *uv_call_soon;         /* uvloop.Loop.call_soon, lazily */
+static PyTypeObject *uv_timer_handle;  /* uvloop.loop.TimerHandle, lazily */
+static PyObject *uv_timer_cancelled;   /* uvloop.loop.TimerHandle.cancelled */
 
 /* loop._dart_timer_handles.add(handle) (add) or .discard(handle); 0 or -1. */
 static int
@@ -780,6 +849,140 @@ timer_handles_update(PyObject *loop, PyObject *handle, int add)
 }
 static PyObject *str_call_soon, *str_cancelled;
 
+/* uvloop.Loop.call_soon(loop, callback, context=neutral); 0 or -1. */
+static int
+uv_queue(EventRunner *runner, PyObject *callback)
+{
+    if (uv_call_soon == NULL) {
+        PyObject *loop_type = NULL;
+        if (lazy_attr(&loop_type, "uvloop", "Loop") == NULL) {
+            return -1;
+        }
+        uv_call_soon = PyObject_GetAttr(loop_type, str_call_soon);
+        Py_DECREF(loop_type);
+        if (uv_call_soon == NULL) {
+            return -1;
+        }
+    }
+    PyObject *stack[3] = {runner->loop, callback, runner->neutral};
+    PyObject *h = PyObject_Vectorcall(uv_call_soon, stack, 2, kwnames_context);
+    if (h == NULL) {
+        return -1;
+    }
+    Py_DECREF(h);
+    return 0;
+}
+
+/* uvloop.loop.TimerHandle and its cancelled(), looked up once; 0 or -1. */
+static int
+load_timer_handle_type(void)
+{
+    if (uv_timer_handle != NULL) {
+        return 0;
+    }
+    PyObject *t = NULL;
+    if (lazy_attr(&t, "uvloop.loop", "TimerHandle") == NULL) {
+        return -1;
+    }
+    if (!PyType_Check(t)) {
+        Py_DECREF(t);
+        PyErr_SetString(PyExc_TypeError, "uvloop.loop.TimerHandle is not a type");
+        return -1;
+    }
+    PyObject *c = PyObject_GetAttr(t, str_cancelled);
+    if (c == NULL) {
+        Py_DECREF(t);
+        return -1;
+    }
+    uv_timer_cancelled = c;
+    uv_timer_handle = (PyTypeObject *)t;
+    return 0;
+}
+
+/* The second call: its turn in the ready queue (_run_due_timer). */
+static PyObject *
+timer_event_run_due(TimerEvent *self)
+{
+    EventRunner *runner = self->runner;
+    PyObject *handle = self->handle ? self->handle : Py_None;
+    int watching = is_true(runner->watch_idle);
+    if (watching < 0) {
+        return NULL;
+    }
+    if (watching && timer_handles_update(runner->loop, handle, 0) < 0) {
+        return NULL;
+    }
+    if (handle != Py_None) {
+        /* cancelled after it came due, before its turn (as in asyncio) */
+        PyObject *c = (uv_timer_cancelled != NULL && Py_IS_TYPE(handle, uv_timer_handle))
+                          ? PyObject_Vectorcall(uv_timer_cancelled, &handle, 1, NULL)
+                          : PyObject_CallMethodNoArgs(handle, str_cancelled);
+        if (c == NULL) {
+            return NULL;
+        }
+        int cancelled = c == Py_False ? 0 : c == Py_True ? 1 : PyObject_IsTrue(c);
+        Py_DECREF(c);
+        if (cancelled) {
+            return cancelled < 0 ? NULL : Py_NewRef(Py_None);
+        }
+    }
+    Py_ssize_t nargs = PyTuple_GET_SIZE(self->args);
+    PyObject *small[SMALL_STACK];
+    PyObject **stack = small;
+    if (nargs + 2 > SMALL_STACK) {
+        stack = PyMem_Malloc((nargs + 2) * sizeof(PyObject *));
+        if (stack == NULL) {
+            return PyErr_NoMemory();
+        }
+    }
+    stack[0] = self->ctx;
+    stack[1] = self->callback;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        stack[i + 2] = PyTuple_GET_ITEM(self->args, i);
+    }
+    PyObject *res = run_event(runner, stack, nargs + 2);
+    if (stack != small) {
+        PyMem_Free(stack);
+    }
+    return res;
+}
+
+/* The first call, from a libuv timer: join the open batch or queue a new
+ * one; 0 or -1. */
+static int
+timer_event_join(TimerEvent *self)
+{
+    EventRunner *runner = self->runner;
+#ifndef Py_GIL_DISABLED
+    TimerBatch *open = (TimerBatch *)runner->batch;
+    if (open != NULL && open->events != NULL) {
+        return PyList_Append(open->events, (PyObject *)self);
+    }
+#endif
+    PyObject *events = PyList_New(1);
+    if (events == NULL) {
+        return -1;
+    }
+    PyList_SET_ITEM(events, 0, Py_NewRef((PyObject *)self));
+    TimerBatch *b = PyObject_GC_New(TimerBatch, &TimerBatch_Type);
+    if (b == NULL) {
+        Py_DECREF(events);
+        return -1;
+    }
+    b->vectorcall = timer_batch_vectorcall;
+    b->runner = (EventRunner *)Py_NewRef((PyObject *)runner);
+    b->events = events;
+    PyObject_GC_Track(b);
+    int rc = uv_queue(runner, (PyObject *)b);
+#ifndef Py_GIL_DISABLED
+    if (rc == 0) {
+        Py_XSETREF(runner->batch, Py_NewRef((PyObject *)b));
+    }
+#endif
+    Py_DECREF(b);
+    return rc;
+}
+
 static PyObject *
 timer_event_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject *kwnames)
 {
@@ -798,66 +1001,20 @@ timer_event_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject
     PyObject *res = NULL;
     if (!self->due) {
         self->due = 1;
-        if (uv_call_soon == NULL) {
-            PyObject *loop_type = NULL;
-            if (lazy_attr(&loop_type, "uvloop", "Loop") == NULL) {
-                goto done;
-            }
-            uv_call_soon = PyObject_GetAttr(loop_type, str_call_soon);
-            Py_DECREF(loop_type);
-            if (uv_call_soon == NULL) {
-                goto done;
-            }
+        int rc;
+        if (self->ready) {
+            /* zero delay: queued on its own (see above) */
+            runner_close_batch(runner);
+            rc = uv_queue(runner, op);
         }
-        PyObject *stack[3] = {runner->loop, op, runner->neutral};
-        PyObject *h = PyObject_Vectorcall(uv_call_soon, stack, 2, kwnames_context);
-        if (h != NULL) {
-            Py_DECREF(h);
-            res = Py_NewRef(Py_None);
+        else {
+            rc = timer_event_join(self);
         }
-        goto done;
+        res = rc < 0 ? NULL : Py_NewRef(Py_None);
     }
-    PyObject *handle = self->handle ? self->handle : Py_None;
-    int watching = is_true(runner->watch_idle);
-    if (watching < 0) {
-        goto done;
+    else {
+        res = timer_event_run_due(self);
     }
-    if (watching && timer_handles_update(runner->loop, handle, 0) < 0) {
-        goto done;
-    }
-    if (handle != Py_None) {
-        /* cancelled after it came due, before its turn (as in asyncio) */
-        PyObject *c = PyObject_CallMethodNoArgs(handle, str_cancelled);
-        if (c == NULL) {
-            goto done;
-        }
-        int cancelled = PyObject_IsTrue(c);
-        Py_DECREF(c);
-        if (cancelled) {
-            res = cancelled < 0 ? NULL : Py_NewRef(Py_None);
-            goto done;
-        }
-    }
-    Py_ssize_t nargs = PyTuple_GET_SIZE(self->args);
-    PyObject *small[SMALL_STACK];
-    PyObject **stack = small;
-    if (nargs + 2 > SMALL_STACK) {
-        stack = PyMem_Malloc((nargs + 2) * sizeof(PyObject *));
-        if (stack == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-    }
-    stack[0] = self->ctx;
-    stack[1] = self->callback;
-    for (Py_ssize_t i = 0; i < nargs; i++) {
-        stack[i + 2] = PyTuple_GET_ITEM(self->args, i);
-    }
-    res = run_event(runner, stack, nargs + 2);
-    if (stack != small) {
-        PyMem_Free(stack);
-    }
-done:
     Py_DECREF(runner);
     Py_DECREF(self);
     return res;
@@ -914,6 +1071,116 @@ static PyTypeObject TimerEvent_Type = {
     .tp_clear = (inquiry)timer_event_clear,
 };
 
+/* A batch's turn: each timer's second call, in the order they came due.
+ * If one raises (SystemExit, KeyboardInterrupt: the rest is reported), the
+ * timers after it are queued as a batch of their own, at the back, and the
+ * exception propagates as it would have out of that timer's own entry. */
+static PyObject *
+timer_batch_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject *kwnames)
+{
+    TimerBatch *self = (TimerBatch *)op;
+    if (PyVectorcall_NARGS(nargsf) != 0 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "a dartloop timer batch takes no arguments");
+        return NULL;
+    }
+    EventRunner *runner = self->runner;
+    PyObject *events = self->events;
+    if (runner == NULL || events == NULL) {
+        Py_RETURN_NONE; /* ran already */
+    }
+    Py_INCREF(self);
+    Py_INCREF(runner);
+    if (runner->batch == op) {
+        runner_close_batch(runner); /* it runs: nothing joins it any more */
+    }
+    self->events = NULL;
+    PyObject *res = Py_None;
+    Py_ssize_t n = PyList_GET_SIZE(events), i;
+    for (i = 0; i < n; i++) {
+        TimerEvent *ev = (TimerEvent *)PyList_GET_ITEM(events, i);
+        Py_INCREF(ev);
+        PyObject *r = (ev->runner == NULL || ev->runner->loop == NULL || ev->ctx == NULL)
+                          ? (PyErr_SetString(PyExc_RuntimeError, "dartloop timer event used without its loop"), NULL)
+                          : timer_event_run_due(ev);
+        Py_DECREF(ev);
+        if (r == NULL) {
+            res = NULL;
+            break;
+        }
+        Py_DECREF(r);
+    }
+    if (res == NULL && i + 1 < n && runner->loop != NULL) {
+        /* the rest, queued as a batch of its own (closed: nothing joins it) */
+        PyObject *exc = fetch_exception();
+        PyObject *rest = PyList_GetSlice(events, i + 1, n);
+        TimerBatch *b = rest == NULL ? NULL : PyObject_GC_New(TimerBatch, &TimerBatch_Type);
+        if (b != NULL) {
+            b->vectorcall = timer_batch_vectorcall;
+            b->runner = (EventRunner *)Py_NewRef((PyObject *)runner);
+            b->events = rest;
+            PyObject_GC_Track(b);
+            rest = NULL;
+            if (uv_queue(runner, (PyObject *)b) < 0) {
+                PyErr_WriteUnraisable(op);
+            }
+            Py_DECREF(b);
+        }
+        else {
+            Py_XDECREF(rest);
+            PyErr_WriteUnraisable(op);
+        }
+        restore_exception(exc); /* steals */
+    }
+    Py_DECREF(events);
+    Py_DECREF(runner);
+    Py_DECREF(self);
+    return res == NULL ? NULL : Py_NewRef(Py_None);
+}
+
+static int
+timer_batch_traverse(TimerBatch *self, visitproc visit, void *arg)
+{
+    Py_VISIT((PyObject *)self->runner);
+    Py_VISIT(self->events);
+    return 0;
+}
+
+static int
+timer_batch_clear(TimerBatch *self)
+{
+    Py_CLEAR(self->runner);
+    Py_CLEAR(self->events);
+    return 0;
+}
+
+static void
+timer_batch_dealloc(TimerBatch *self)
+{
+    PyObject_GC_UnTrack(self);
+    timer_batch_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyObject *
+timer_batch_repr(TimerBatch *self)
+{
+    return PyUnicode_FromFormat("<dartloop timer batch %R>", self->events ? self->events : Py_None);
+}
+
+static PyTypeObject TimerBatch_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dartloop._speedups.TimerBatch",
+    .tp_basicsize = sizeof(TimerBatch),
+    .tp_dealloc = (destructor)timer_batch_dealloc,
+    .tp_vectorcall_offset = offsetof(TimerBatch, vectorcall),
+    .tp_repr = (reprfunc)timer_batch_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Due timers of the uvloop backend run as one ready callback, in order.",
+    .tp_traverse = (traverseproc)timer_batch_traverse,
+    .tp_clear = (inquiry)timer_batch_clear,
+};
+
 static TimerEvent *
 timer_event_new(EventRunner *runner, PyObject *ctx, PyObject *callback, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -936,6 +1203,7 @@ timer_event_new(EventRunner *runner, PyObject *ctx, PyObject *callback, PyObject
     self->callback = Py_NewRef(callback);
     self->args = t;
     self->due = 0;
+    self->ready = 1; /* until call_later says it got a timer */
     PyObject_GC_Track(self);
     return self;
 }
@@ -999,6 +1267,9 @@ loop_runner(PyObject *loop)
  *     token[0] = handle; self._dart_timer_handles.add(handle); return handle
  * with ctx = context if context is not None else contextvars.copy_context().
  * (The C call_later registers a TimerEvent in place of the method and token.) */
+/* The last "context" keyword name that was not str_context itself. */
+static PyObject *context_kw_seen;
+
 static PyObject *
 loopmethod_schedule(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -1013,8 +1284,13 @@ loopmethod_schedule(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObjec
         Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
         for (Py_ssize_t i = 0; i < nkw; i++) {
             PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-            if (key != str_context && !(PyUnicode_Check(key) && PyUnicode_Compare(key, str_context) == 0)) {
-                return fallback_call(m, args, nargsf, kwnames); /* raises the TypeError */
+            if (key != str_context && key != context_kw_seen) {
+                if (!(PyUnicode_Check(key) && PyUnicode_Compare(key, str_context) == 0)) {
+                    return fallback_call(m, args, nargsf, kwnames); /* raises the TypeError */
+                }
+                /* Python 3.11's C futures name it with a string of their
+                 * own, the same object every time: remember it. */
+                Py_XSETREF(context_kw_seen, Py_NewRef(key));
             }
             context = args[nargs + i];
         }
@@ -1024,6 +1300,8 @@ loopmethod_schedule(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObjec
     if (runner == NULL) {
         return fallback_call(m, args, nargsf, kwnames);
     }
+    /* Whatever this queues goes behind the open timer batch. */
+    runner_close_batch(runner);
     int debug = is_true(runner->debug);
     if (debug != 0) {
         Py_DECREF(runner);
@@ -1054,6 +1332,8 @@ loopmethod_schedule(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObjec
         }
         if (handle != NULL) {
             ev->handle = Py_NewRef(handle);
+            /* a libuv timer, not a ready callback (zero delay) */
+            ev->ready = !(uv_timer_handle != NULL && Py_IS_TYPE(handle, uv_timer_handle));
         }
         /* if self._dart_watch_idle: self._dart_timer_handles.add(handle) */
         if (handle != NULL && watching && timer_handles_update(loop, handle, 1) < 0) {
@@ -1101,13 +1381,17 @@ restore_exception(PyObject *exc)
 #endif
 }
 
+static PyObject *proxy_slot_get(PyObject *proxy, PyObject *name, int which);
+
 /* A protocol proxy's method (dartloop._protocols._drained(name)):
  *     try:
  *         return getattr(self._dartloop_target, name)(*args)
  *     finally:
  *         loop = self._dartloop_loop
  *         if loop._microtasks:
- *             loop._run_pending_immediate_callback()  */
+ *             loop._run_pending_immediate_callback()
+ * The proxy's two slots are read directly (proxy_slot_get), and the uvloop
+ * backend's microtask queue is its runner's (the same deque). */
 static PyObject *
 loopmethod_drained(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -1116,7 +1400,7 @@ loopmethod_drained(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObject
         return fallback_call(m, args, nargsf, kwnames);
     }
     PyObject *proxy = args[0];
-    PyObject *res = NULL, *target = PyObject_GetAttr(proxy, str_target);
+    PyObject *res = NULL, *target = proxy_slot_get(proxy, str_target, 0);
     if (target != NULL) {
         PyObject *small[SMALL_STACK];
         PyObject **stack = small;
@@ -1146,9 +1430,13 @@ loopmethod_drained(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObject
         PyErr_SetHandledException(exc);
     }
     int rc = -1;
-    PyObject *loop = PyObject_GetAttr(proxy, str_proxy_loop);
+    PyObject *loop = proxy_slot_get(proxy, str_proxy_loop, 1);
     if (loop != NULL) {
-        PyObject *q = PyObject_GetAttr(loop, str_microtasks);
+        /* loop._microtasks: the uvloop backend's runner holds it */
+        EventRunner *runner = loop_runner(loop);
+        PyObject *q = runner != NULL && runner->microtasks != NULL ? Py_NewRef(runner->microtasks)
+                                                                   : PyObject_GetAttr(loop, str_microtasks);
+        Py_XDECREF(runner);
         if (q != NULL) {
             int t = is_true(q);
             Py_DECREF(q);
@@ -1559,6 +1847,47 @@ slot_set(PyObject *obj, PyObject *name, PyObject *value, SlotCache *cache)
     }
 #endif
     return PyObject_SetAttr(obj, name, value);
+}
+
+/* A protocol proxy's own slot (_dartloop_target, _dartloop_loop), read as
+ * getattr(proxy, name) would: the proxy classes have a __getattr__, which
+ * Python calls only when the ordinary lookup fails, and the ordinary lookup
+ * finds the slot's member descriptor first.  So the slot is read directly
+ * when the type's lookup is the ordinary one (object.__getattribute__) and
+ * the name is a member of it; anything else, and an empty slot, go through
+ * getattr. */
+static SlotCache cache_proxy_slot[2];
+static PyObject *object_getattribute; /* object.__getattribute__ (the slot wrapper) */
+
+static PyObject *
+proxy_slot_get(PyObject *proxy, PyObject *name, int which)
+{
+#ifndef Py_GIL_DISABLED
+    SlotCache *cache = &cache_proxy_slot[which];
+    PyTypeObject *tp = Py_TYPE(proxy);
+    if (!(tp == cache->type && tp->tp_version_tag == cache->version && cache->version != 0)) {
+        cache->version = 0;
+        if (object_getattribute == NULL) {
+            object_getattribute = _PyType_Lookup(&PyBaseObject_Type, str_getattribute);
+            Py_XINCREF(object_getattribute);
+        }
+        PyObject *descr = _PyType_Lookup(tp, name); /* borrowed; assigns a version tag */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+            ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX && object_getattribute != NULL &&
+            _PyType_Lookup(tp, str_getattribute) == object_getattribute && tp->tp_version_tag != 0) {
+            Py_XSETREF(cache->type, (PyTypeObject *)Py_NewRef((PyObject *)tp));
+            cache->version = tp->tp_version_tag;
+            cache->member = ((PyMemberDescrObject *)descr)->d_member;
+        }
+    }
+    if (cache->version != 0) {
+        PyObject *v = *(PyObject **)((char *)proxy + cache->member->offset);
+        if (v != NULL) {
+            return Py_NewRef(v);
+        }
+    }
+#endif
+    return PyObject_GetAttr(proxy, name);
 }
 
 static SlotCache cache_send_port_core, cache_core_closed, cache_core_isolate, cache_core_handler,
@@ -2334,7 +2663,7 @@ PyInit__speedups(void)
         intern(&str_inbox_scheduled, "inbox_scheduled") < 0 ||
         intern(&str_call_soon_threadsafe, "call_soon_threadsafe") < 0 ||
         intern(&str_drain_inbox, "_drain_inbox") < 0 || intern(&str_extend, "extend") < 0 ||
-        intern(&str_inbox_drain, "inbox_drain") < 0) {
+        intern(&str_inbox_drain, "inbox_drain") < 0 || intern(&str_getattribute, "__getattribute__") < 0) {
         return NULL;
     }
     str_exc_in_microtask = PyUnicode_FromString("Exception in microtask ");
@@ -2376,7 +2705,7 @@ PyInit__speedups(void)
     }
 
     if (PyType_Ready(&EventRunner_Type) < 0 || PyType_Ready(&LoopMethod_Type) < 0 ||
-        PyType_Ready(&TimerEvent_Type) < 0) {
+        PyType_Ready(&TimerEvent_Type) < 0 || PyType_Ready(&TimerBatch_Type) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&speedups_module);

@@ -40,6 +40,7 @@ import dartloop
 from dartloop import _loop, _microtasks
 
 from _isolate_helpers import Inbox
+from _loop_helpers import busy_wait
 
 BACKENDS = dartloop.available_backends()
 PATHS = ("pure", "c")
@@ -176,6 +177,148 @@ def test_timers_call_later_and_dart_timers(kit: Kit) -> None:
     ]  # fmt: skip
     if kit.loop.backend == "uvloop":
         assert not {h for h in kit.loop._dart_timer_handles if not h.cancelled()}  # type: ignore[attr-defined]
+
+
+def _overdue(loop: asyncio.AbstractEventLoop, when: float) -> None:
+    # Block until ``when`` has passed by a millisecond, so that timers due
+    # then come due together, in one look at the timers.
+    while loop.time() < when + 0.001:
+        busy_wait(0.001)
+
+
+def test_timers_due_together_run_in_order_before_what_they_queue(kit: Kit) -> None:
+    # On the uvloop backend the C path queues due timers as one batch (see
+    # TimerEvent in _speedups.c): each still runs as its own event with its
+    # own drain, cancelled ones are skipped, and what they queue runs after
+    # the last of them, as with one queue entry per timer.
+    out: list[str] = []
+    sched = kit.schedule
+    loop = kit.loop
+    handles: dict[str, asyncio.TimerHandle] = {}
+
+    def timer(tag: str) -> None:
+        out.append(tag)
+        sched(out.append, f"{tag}.m")
+        if tag == "t1":
+            loop.call_soon(out.append, "queued by t1")
+            loop.call_soon(done.set_result, None)
+            handles["t3"].cancel()
+
+    def arm() -> None:
+        when = loop.time() + 0.002
+        for i in (1, 2, 3, 4):
+            handles[f"t{i}"] = loop.call_at(when + i * 1e-6, timer, f"t{i}")
+        _overdue(loop, when)
+        loop.call_soon(out.append, "queued before they came due")
+
+    done = loop.create_future()
+
+    async def main() -> None:
+        loop.call_soon(arm)
+        await done
+
+    kit.run(main())
+    assert out == [
+        "queued before they came due", "t1", "t1.m", "t2", "t2.m", "t4", "t4.m", "queued by t1",
+    ]  # fmt: skip
+    assert not kit.errors
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_a_base_exception_from_a_timer_leaves_the_timers_due_with_it_to_run(plain_kit: Kit, exc_type: type[BaseException]) -> None:
+    out: list[str] = []
+    loop = plain_kit.loop
+
+    def timer(tag: str) -> None:
+        out.append(tag)
+        if tag == "t1":
+            raise exc_type("stop")
+
+    def arm() -> None:
+        when = loop.time() + 0.002
+        for i in (1, 2, 3):
+            loop.call_at(when + i * 1e-6, timer, f"t{i}")
+        _overdue(loop, when)
+
+    loop.call_soon(arm)
+    with pytest.raises(exc_type):
+        loop.run_forever()
+    # uvloop runs the rest of its ready queue before run_forever raises, the
+    # asyncio backend in the next run.
+    loop.call_later(0.01, loop.stop)
+    loop.run_forever()
+    assert out == ["t1", "t2", "t3"]
+    assert not plain_kit.errors
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_uvloop_timers_due_together_keep_their_order_across_debug_mode(path: str) -> None:
+    # A timer made in debug mode comes due through the Python path; the ones
+    # made before and after it run in deadline order around it.
+    if "uvloop" not in BACKENDS:
+        pytest.skip("needs uvloop")
+    loop, _ = make_loop("uvloop", path)
+    out: list[str] = []
+
+    def arm() -> None:
+        when = loop.time() + 0.002
+        loop.call_at(when, out.append, "t1")
+        loop.call_at(when + 1e-6, out.append, "t2")
+        loop.set_debug(True)
+        loop.call_at(when + 2e-6, out.append, "t3 (debug)")
+        loop.set_debug(False)
+        loop.call_at(when + 3e-6, out.append, "t4")
+        loop.call_at(when + 4e-6, done.set_result, None)
+        _overdue(loop, when)
+
+    done = loop.create_future()
+
+    async def main() -> None:
+        loop.call_soon(arm)
+        await done
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert out == ["t1", "t2", "t3 (debug)", "t4"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_uvloop_a_timer_batch_never_spans_two_runs(path: str) -> None:
+    # uvloop queues callbacks of its own (a transport's connection_lost, ...)
+    # that dartloop does not see, e.g. between two runs. A timer that comes
+    # due at the start of the next run goes behind them, not into the batch
+    # of a timer that came due as the last run ended.
+    if "uvloop" not in BACKENDS:
+        pytest.skip("needs uvloop")
+    import uvloop
+
+    loop, _ = make_loop("uvloop", path)
+    out: list[str] = []
+    marks: dict[str, float] = {}
+
+    def arm() -> None:
+        now = loop.time()
+        marks["a"], marks["b"] = now + 0.002, now + 0.1
+        loop.call_at(marks["a"], out.append, "a")
+        loop.call_at(marks["b"], out.append, "b")
+        loop.stop()  # the loop stops after its next iteration, whose last phase runs due timers
+        loop.call_soon(_overdue, loop, marks["a"])
+
+    try:
+        loop.call_soon(arm)
+        loop.run_forever()
+        assert out == []  # "a" came due in the last timer phase; its turn is the next run's
+        if loop.time() >= marks["b"]:
+            pytest.skip("the machine stalled: b came due with a")
+        _overdue(loop, marks["b"])
+        uvloop.Loop.call_soon(loop, out.append, "queued by uvloop")
+        uvloop.Loop.call_later(loop, 0.02, loop.stop)
+        loop.run_forever()
+    finally:
+        loop.close()
+    assert out == ["a", "queued by uvloop", "b"]
 
 
 def test_long_microtask_chain_is_fifo(kit: Kit) -> None:
