@@ -1183,11 +1183,16 @@ def test_property_acyclic_message_equals_deepcopy(tree: Any) -> None:
         expected = copy.deepcopy(tree)
     except TypeError:  # copy refuses modules, which a message shares
         return
-    # Obj has identity equality; compare everything else with ==, inside a
-    # list so that a bare NaN (shared, so the very same object) compares as
-    # it does inside any container: by identity first.
-    if not any(isinstance(x, Obj) for x in nodes(tree)):
-        assert [received] == [expected]
+    everything = nodes(tree)
+    # A NaN is shared (the very same object), but it equals itself only where
+    # == checks identity first: lists and tuples do, dataclasses compare field
+    # by field since 3.13 and do not. The other property tests check NaNs by
+    # identity (assert_received).
+    if any(isinstance(x, float) and x != x for x in everything):
+        return
+    # Obj has identity equality; compare everything else with ==.
+    if not any(isinstance(x, Obj) for x in everything):
+        assert received == expected
 
 
 def _with_lock(data: st.DataObject, root: Any) -> Any:
