@@ -541,8 +541,10 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
 class _AsyncioLoopState:
     """dartloop's per-loop fields of the ``"asyncio"`` backend, out of its dict.
 
-    Only the loop itself touches it, on the loop's thread (or before the loop
-    runs); see ``_AsyncioDartLoop._DIRECT_FIELDS`` for why it exists.
+    Only the loop's own code touches it: on the loop's thread, except
+    ``_wakeup_pending``, which ``call_soon_threadsafe`` sets from any thread
+    (a flag, as it was on the loop). See ``_AsyncioDartLoop._DIRECT_FIELDS``
+    for why it exists.
     """
 
     __slots__ = (
