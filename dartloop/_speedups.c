@@ -1805,22 +1805,38 @@ typedef struct {
     PyMemberDef *member;
 } SlotCache;
 
+#ifndef Py_GIL_DISABLED
+/* The member descriptor that `name` finds on `tp`, from the cache or looked
+ * up and cached; NULL (nothing cached) when it is not one or `generic` is
+ * false (the type has its own __getattribute__/__setattr__). */
+static PyMemberDef *
+slot_member(PyTypeObject *tp, PyObject *name, SlotCache *cache, int generic)
+{
+    if (tp == cache->type && tp->tp_version_tag == cache->version && cache->version != 0) {
+        return cache->member;
+    }
+    if (!generic) {
+        return NULL;
+    }
+    PyObject *descr = _PyType_Lookup(tp, name); /* borrowed; assigns a version tag */
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type) || tp->tp_version_tag == 0) {
+        return NULL;
+    }
+    Py_XSETREF(cache->type, (PyTypeObject *)Py_NewRef((PyObject *)tp));
+    cache->version = tp->tp_version_tag;
+    cache->member = ((PyMemberDescrObject *)descr)->d_member;
+    return cache->member;
+}
+#endif
+
 static PyObject *
 slot_get(PyObject *obj, PyObject *name, SlotCache *cache)
 {
 #ifndef Py_GIL_DISABLED
     PyTypeObject *tp = Py_TYPE(obj);
-    if (tp == cache->type && tp->tp_version_tag == cache->version && cache->version != 0) {
-        return PyMember_GetOne((const char *)obj, cache->member);
-    }
-    if (tp->tp_getattro == PyObject_GenericGetAttr) {
-        PyObject *descr = _PyType_Lookup(tp, name); /* borrowed; assigns a version tag */
-        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) && tp->tp_version_tag != 0) {
-            Py_XSETREF(cache->type, (PyTypeObject *)Py_NewRef((PyObject *)tp));
-            cache->version = tp->tp_version_tag;
-            cache->member = ((PyMemberDescrObject *)descr)->d_member;
-            return PyMember_GetOne((const char *)obj, cache->member);
-        }
+    PyMemberDef *member = slot_member(tp, name, cache, tp->tp_getattro == PyObject_GenericGetAttr);
+    if (member != NULL) {
+        return PyMember_GetOne((const char *)obj, member);
     }
 #endif
     return PyObject_GetAttr(obj, name);
@@ -1833,17 +1849,9 @@ slot_set(PyObject *obj, PyObject *name, PyObject *value, SlotCache *cache)
 {
 #ifndef Py_GIL_DISABLED
     PyTypeObject *tp = Py_TYPE(obj);
-    if (tp == cache->type && tp->tp_version_tag == cache->version && cache->version != 0) {
-        return PyMember_SetOne((char *)obj, cache->member, value);
-    }
-    if (tp->tp_setattro == PyObject_GenericSetAttr) {
-        PyObject *descr = _PyType_Lookup(tp, name); /* borrowed; assigns a version tag */
-        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) && tp->tp_version_tag != 0) {
-            Py_XSETREF(cache->type, (PyTypeObject *)Py_NewRef((PyObject *)tp));
-            cache->version = tp->tp_version_tag;
-            cache->member = ((PyMemberDescrObject *)descr)->d_member;
-            return PyMember_SetOne((char *)obj, cache->member, value);
-        }
+    PyMemberDef *member = slot_member(tp, name, cache, tp->tp_setattro == PyObject_GenericSetAttr);
+    if (member != NULL) {
+        return PyMember_SetOne((char *)obj, member, value);
     }
 #endif
     return PyObject_SetAttr(obj, name, value);
