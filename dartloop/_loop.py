@@ -20,13 +20,16 @@ throughput); strict-mode future callbacks keep the context asyncio gives them.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import collections
 import contextvars
+import errno
 import heapq
 import operator
 import os
 import selectors
+import socket
 import sys
 import threading
 import weakref
@@ -318,6 +321,13 @@ class DartEventLoop(asyncio.AbstractEventLoop):
         return queue is not None and queue.pending() > 0
 
 
+# The socket type of the asyncio backend's self-pipe (see _make_self_pipe),
+# where the platform can make a socket pair non-blocking in one call.
+_SELF_PIPE_TYPE: int | None = (
+    socket.SOCK_STREAM | socket.SOCK_NONBLOCK if hasattr(socket, "SOCK_NONBLOCK") and hasattr(socket, "AF_UNIX") else None
+)
+
+
 class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignore[misc]
     """The ``"asyncio"`` backend: stdlib selector loop with an owned turn."""
 
@@ -345,6 +355,20 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
         # still has I/O that can produce events (paused readers included).
         state._dart_transports = weakref.WeakSet()
         super().__init__(selector)
+
+    def _make_self_pipe(self) -> None:
+        # asyncio wraps both ends in socket.socket and then makes them
+        # non-blocking: two Python __init__ calls and four more system calls
+        # (getsockname, ioctl) per loop, a noticeable part of a spawned
+        # isolate's start. The C socket objects, made non-blocking at once,
+        # have all the self-pipe uses (send, recv, fileno, close), and a
+        # closed one still refuses writes (fileno() is -1).
+        if _SELF_PIPE_TYPE is None:
+            super()._make_self_pipe()  # type: ignore[misc]
+            return
+        self._ssock, self._csock = _socket.socketpair(socket.AF_UNIX, _SELF_PIPE_TYPE)
+        self._internal_fds += 1
+        self._add_reader(self._ssock.fileno(), self._read_from_self)
 
     def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None) -> asyncio.Handle:
         """Like ``call_soon()``, from any thread, with one wakeup per burst.
@@ -1085,6 +1109,18 @@ if SPEEDUPS is not None:
         _dart_accelerated = True
         _run_pending_immediate_callback = SPEEDUPS.LoopMethod("drain", DartEventLoop._run_pending_immediate_callback)
 
+        def _write_to_self(self) -> None:
+            # Any thread. Unlike csock.send(), keeps the GIL during the write
+            # (see wake_socket in _speedups.c): an Isolate.run result then
+            # wakes its spawner once instead of three times.
+            csock = self._csock
+            if csock is None:
+                return
+            err = _wake_socket(csock)
+            if err and err != errno.EAGAIN and self._debug:
+                logger.debug("Fail to write a null byte into the self-pipe socket: %s", os.strerror(err))
+
+    _wake_socket = SPEEDUPS.wake_socket
     _ACCELERATED[_AsyncioDartLoop] = _AsyncioDartLoopC
 
     if _UVDartLoop is not None:

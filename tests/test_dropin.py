@@ -289,6 +289,40 @@ def test_subprocess_exec_with_pipes() -> None:
     assert assert_all_equal(run_everywhere(main)) == [b"TO THE CHILD\n", b"err\n", 3, 3, 5]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd")
+@pytest.mark.parametrize("path", ["pure", "c"])
+def test_the_asyncio_backend_self_pipe_is_stocks(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # dartloop makes the self-pipe in one call (see _AsyncioDartLoop._make_self_pipe):
+    # as many descriptors as stock asyncio's loop, both ends non-blocking,
+    # all released by close(), and other threads wake the loop through it.
+    from dartloop import _loop
+
+    if path == "pure":
+        monkeypatch.setattr(_loop, "SPEEDUPS", None)
+    elif _loop.SPEEDUPS is None:
+        pytest.skip("dartloop._speedups is not built")
+
+    def probe(factory: Callable[[], asyncio.AbstractEventLoop]) -> list[Any]:
+        before = len(os.listdir("/proc/self/fd"))
+        loop = factory()
+        opened = len(os.listdir("/proc/self/fd")) - before
+        ends = [loop._ssock, loop._csock]  # type: ignore[attr-defined]
+        modes = [(end.gettimeout(), os.get_blocking(end.fileno())) for end in ends]
+
+        async def woken() -> str:
+            fut = loop.create_future()
+            threading.Thread(target=loop.call_soon_threadsafe, args=(fut.set_result, "woken")).start()
+            return await fut
+
+        result = loop.run_until_complete(woken())
+        loop.close()
+        return [opened, modes, result, len(os.listdir("/proc/self/fd")) - before, [end.fileno() for end in ends]]
+
+    stock = probe(asyncio.SelectorEventLoop)
+    ours = probe(functools.partial(dartloop.new_event_loop, backend="asyncio"))
+    assert ours == stock == [3, [(0.0, False), (0.0, False)], "woken", 0, [-1, -1]]
+
+
 @pytest.mark.skipif(not IN_MAIN_THREAD, reason="signals need the main thread")
 def test_signal_handlers() -> None:
     async def main() -> list[Any]:

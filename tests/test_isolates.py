@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 import traceback
 import weakref
@@ -313,6 +314,52 @@ async def test_run_uncaught_error_is_remote_error() -> None:
     assert type(info.value) is RemoteError
     assert info.value.description == "ValueError: boom"
     assert "boom" in info.value.stack_trace and "Traceback" in info.value.stack_trace
+
+
+def test_isolate_thread_start_does_not_wait_for_the_thread() -> None:
+    # The stock Thread.start() returns only once the new thread has run far
+    # enough to report that it started (so is_alive() is True at return); an
+    # isolate's thread is started without that wait, which costs the spawner
+    # two cross-core hand-overs. With a 60 s switch interval the new thread
+    # can't take the GIL from this one before it blocks.
+    from dartloop._isolate import _IsolateThread
+
+    ran, release = threading.Event(), threading.Event()
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(60)
+    try:
+        thread = _IsolateThread(ran.set, "start-probe")
+        stock = threading.Thread(target=release.wait)
+        thread.start()
+        alive_at_return = thread.is_alive()
+        stock.start()
+        stock_alive_at_return = stock.is_alive()
+        # join() before the thread has started waits for it, where the
+        # stock join() would raise "cannot join thread before it is started".
+        thread.join()
+        release.set()
+        stock.join()
+    finally:
+        sys.setswitchinterval(saved)
+    assert (alive_at_return, stock_alive_at_return) == (False, True)
+    assert ran.is_set() and not thread.is_alive() and not stock.is_alive()
+
+
+def test_isolate_thread_join_with_a_timeout_before_it_starts() -> None:
+    from dartloop._isolate import _IsolateThread
+
+    go = threading.Event()
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(60)
+    try:
+        thread = _IsolateThread(go.wait, "join-probe")
+        thread.start()
+        thread.join(0)  # returns at once, started or not, without raising
+        go.set()
+        thread.join()
+    finally:
+        sys.setswitchinterval(saved)
+    assert not thread.is_alive()
 
 
 async def test_run_joins_a_slow_teardown_without_blocking_the_loop() -> None:

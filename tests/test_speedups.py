@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import errno
 import gc
 import hashlib
 import inspect
@@ -1643,6 +1644,40 @@ def test_accelerator_selection() -> None:
         assert _loop.SPEEDUPS is None
     elif REQUIRE:
         assert _loop.SPEEDUPS is not None
+
+
+def test_wake_socket_writes_one_byte_under_the_gil_and_reports_errors() -> None:
+    _require_c()
+    wake = _loop.SPEEDUPS.wake_socket
+    rsock, wsock = socket.socketpair()
+    rsock.setblocking(False)
+    wsock.setblocking(False)
+    try:
+        assert wake(wsock) == 0
+        assert rsock.recv(16) == b"\0"
+        # A full pipe: EAGAIN, never an exception (a wakeup is pending anyway).
+        while True:
+            try:
+                wsock.send(b"x" * 65536)
+            except BlockingIOError:
+                break
+        assert wake(wsock) == errno.EAGAIN
+        with pytest.raises(AttributeError, match="fileno"):
+            wake(object())
+    finally:
+        rsock.close()
+        wsock.close()
+    # Closed: fileno() is -1, so nothing is written, whatever reuses the number.
+    assert wake(wsock) == errno.EBADF
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_write_to_self_after_close_is_a_no_op(path: str) -> None:
+    loop, _ = make_loop("asyncio", path)
+    loop._write_to_self()  # type: ignore[attr-defined]
+    assert loop._ssock.recv(16) == b"\0"  # type: ignore[attr-defined]
+    loop.close()
+    loop._write_to_self()  # type: ignore[attr-defined]
 
 
 def _source_hash(func: Callable[..., Any]) -> str:
