@@ -370,6 +370,18 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
         self._internal_fds += 1
         self._add_reader(self._ssock.fileno(), self._read_from_self)
 
+    def _read_from_self(self) -> None:
+        # One recv per wakeup. asyncio reads until EAGAIN, one more system call
+        # every time, but the self-pipe is polled level-triggered: bytes left
+        # behind (more than 4096, which one wakeup per burst makes rare) make
+        # the next poll return at once and are read then.
+        try:
+            data = self._ssock.recv(4096)
+        except BlockingIOError:
+            return
+        if data:
+            self._process_self_data(data)
+
     def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None) -> asyncio.Handle:
         """Like ``call_soon()``, from any thread, with one wakeup per burst.
 

@@ -323,6 +323,29 @@ def test_the_asyncio_backend_self_pipe_is_stocks(path: str, monkeypatch: pytest.
     assert ours == stock == [3, [(0.0, False), (0.0, False)], "woken", 0, [-1, -1]]
 
 
+def test_the_self_pipe_is_emptied_also_beyond_one_read() -> None:
+    # dartloop reads the self-pipe once per wakeup (asyncio reads until
+    # EAGAIN): what one read leaves behind is read by the next poll.
+    def left_over(factory: Callable[[], asyncio.AbstractEventLoop]) -> int:
+        loop = factory()
+        try:
+            loop._csock.send(b"\0" * 10_000)  # type: ignore[attr-defined]
+
+            async def turns() -> None:
+                for _ in range(5):
+                    await asyncio.sleep(0)
+
+            loop.run_until_complete(turns())
+            try:
+                return len(loop._ssock.recv(65536))  # type: ignore[attr-defined]
+            except BlockingIOError:
+                return 0
+        finally:
+            loop.close()
+
+    assert left_over(asyncio.SelectorEventLoop) == left_over(functools.partial(dartloop.new_event_loop, backend="asyncio")) == 0
+
+
 @pytest.mark.skipif(not IN_MAIN_THREAD, reason="signals need the main thread")
 def test_signal_handlers() -> None:
     async def main() -> list[Any]:
