@@ -24,7 +24,6 @@ import _socket
 import asyncio
 import collections
 import contextvars
-import errno
 import heapq
 import operator
 import os
@@ -369,18 +368,6 @@ class _AsyncioDartLoop(DartEventLoop, asyncio.SelectorEventLoop):  # type: ignor
         self._ssock, self._csock = _socket.socketpair(socket.AF_UNIX, _SELF_PIPE_TYPE)
         self._internal_fds += 1
         self._add_reader(self._ssock.fileno(), self._read_from_self)
-
-    def _read_from_self(self) -> None:
-        # One recv per wakeup. asyncio reads until EAGAIN, one more system call
-        # every time, but the self-pipe is polled level-triggered: bytes left
-        # behind (more than 4096, which one wakeup per burst makes rare) make
-        # the next poll return at once and are read then.
-        try:
-            data = self._ssock.recv(4096)
-        except BlockingIOError:
-            return
-        if data:
-            self._process_self_data(data)
 
     def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any, context: contextvars.Context | None = None) -> asyncio.Handle:
         """Like ``call_soon()``, from any thread, with one wakeup per burst.
@@ -1121,18 +1108,6 @@ if SPEEDUPS is not None:
         _dart_accelerated = True
         _run_pending_immediate_callback = SPEEDUPS.LoopMethod("drain", DartEventLoop._run_pending_immediate_callback)
 
-        def _write_to_self(self) -> None:
-            # Any thread. Unlike csock.send(), keeps the GIL during the write
-            # (see wake_socket in _speedups.c): an Isolate.run result then
-            # wakes its spawner once instead of three times.
-            csock = self._csock
-            if csock is None:
-                return
-            err = _wake_socket(csock)
-            if err and err != errno.EAGAIN and self._debug:
-                logger.debug("Fail to write a null byte into the self-pipe socket: %s", os.strerror(err))
-
-    _wake_socket = SPEEDUPS.wake_socket
     _ACCELERATED[_AsyncioDartLoop] = _AsyncioDartLoopC
 
     if _UVDartLoop is not None:

@@ -39,11 +39,7 @@
 #include <Python.h>
 #include <structmember.h> /* PyMemberDef, PyMember_GetOne (3.11) */
 
-#include <errno.h>
 #include <stddef.h>
-#ifndef _WIN32
-#include <sys/socket.h>
-#endif
 
 #if PY_VERSION_HEX < 0x030B0000
 #error "dartloop._speedups needs Python 3.11 or newer"
@@ -2596,48 +2592,6 @@ done:
 }
 
 /* ----------------------------------------------------------------------- */
-/* The self-pipe wakeup of the asyncio backend                             */
-
-PyDoc_STRVAR(wake_socket_doc,
-"wake_socket(sock) -> int\n\n"
-"Write one zero byte to ``sock``, the write end of a loop's non-blocking\n"
-"self-pipe, without releasing the GIL; any thread. Returns 0, or the errno\n"
-"of a failed write (EAGAIN: the pipe is full, so a wakeup is pending\n"
-"anyway; EBADF: the socket is closed).\n\n"
-"``socket.send`` releases the GIL around the write; the loop it wakes then\n"
-"takes the GIL from the writer, which has to be handed it back, two more\n"
-"cross-core wake-ups for one message. Holding it is what uvloop does in\n"
-"``uv_async_send``. Reading the descriptor and writing happen under the GIL,\n"
-"so a socket that another thread closes is seen closed (fileno() -1) and a\n"
-"reused descriptor number is never written to.");
-
-static PyObject *
-speedups_wake_socket(PyObject *module, PyObject *sock)
-{
-    PyObject *fd_obj = PyObject_CallMethod(sock, "fileno", NULL);
-    if (fd_obj == NULL) {
-        return NULL;
-    }
-    long fd = PyLong_AsLong(fd_obj);
-    Py_DECREF(fd_obj);
-    if (fd == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (fd < 0) {
-        return PyLong_FromLong(EBADF);
-    }
-#ifdef _WIN32
-    return PyLong_FromLong(ENOSYS);
-#else
-    ssize_t n;
-    do {
-        n = send((int)fd, "", 1, MSG_DONTWAIT | MSG_NOSIGNAL);
-    } while (n < 0 && errno == EINTR);
-    return PyLong_FromLong(n < 0 ? errno : 0);
-#endif
-}
-
-/* ----------------------------------------------------------------------- */
 /* Module                                                                  */
 
 static PyMethodDef speedups_methods[] = {
@@ -2648,7 +2602,6 @@ static PyMethodDef speedups_methods[] = {
      METH_FASTCALL | METH_KEYWORDS, schedule_microtask_doc},
     {"set_thread_loop", (PyCFunction)speedups_set_thread_loop, METH_O, set_thread_loop_doc},
     {"clear_thread_loop", (PyCFunction)speedups_clear_thread_loop, METH_NOARGS, clear_thread_loop_doc},
-    {"wake_socket", (PyCFunction)speedups_wake_socket, METH_O, wake_socket_doc},
     {NULL},
 };
 

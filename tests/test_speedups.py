@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import errno
 import gc
 import hashlib
 import inspect
@@ -1644,31 +1643,6 @@ def test_accelerator_selection() -> None:
         assert _loop.SPEEDUPS is None
     elif REQUIRE:
         assert _loop.SPEEDUPS is not None
-
-
-def test_wake_socket_writes_one_byte_under_the_gil_and_reports_errors() -> None:
-    _require_c()
-    wake = _loop.SPEEDUPS.wake_socket
-    rsock, wsock = socket.socketpair()
-    rsock.setblocking(False)
-    wsock.setblocking(False)
-    try:
-        assert wake(wsock) == 0
-        assert rsock.recv(16) == b"\0"
-        # A full pipe: EAGAIN, never an exception (a wakeup is pending anyway).
-        while True:
-            try:
-                wsock.send(b"x" * 65536)
-            except BlockingIOError:
-                break
-        assert wake(wsock) == errno.EAGAIN
-        with pytest.raises(AttributeError, match="fileno"):
-            wake(object())
-    finally:
-        rsock.close()
-        wsock.close()
-    # Closed: fileno() is -1, so nothing is written, whatever reuses the number.
-    assert wake(wsock) == errno.EBADF
 
 
 @pytest.mark.parametrize("path", PATHS)
