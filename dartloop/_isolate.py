@@ -148,7 +148,7 @@ class _IsolateState:
         self.errors_are_fatal = errors_are_fatal
         self.parent = parent
         self.thread_id: int | None = None
-        self.thread: threading.Thread | None = None
+        self.thread: _IsolateThread | None = None
         self.dead = False
         self.children: weakref.WeakSet[_IsolateState] = weakref.WeakSet()
         # Open receive ports of this isolate (closed when it ends).
@@ -1148,8 +1148,9 @@ class _IsolateThread(threading.Thread):
 
     def __init__(self, target: Callable[[], None], name: str) -> None:
         super().__init__(target=target, name=name, daemon=True)
-        if isinstance(getattr(self, "_started", None), threading.Event):
-            self._started = _StartedFlag()
+        started = getattr(self, "_started", None)
+        if type(started) is threading.Event:
+            started.__class__ = _StartedFlag  # the same event, without the wait
 
     def join(self, timeout: float | None = None) -> None:
         started = getattr(self, "_started", None)
@@ -1157,6 +1158,11 @@ class _IsolateThread(threading.Thread):
             if not threading.Event.wait(started, timeout):
                 return  # not started within the timeout: still alive
         super().join(timeout)
+
+    def has_ended(self) -> bool:
+        """Started and no longer alive (``is_alive()`` is also false before the start)."""
+        started = getattr(self, "_started", None)
+        return (started is None or started.is_set()) and not self.is_alive()
 
 
 async def _spawn(
@@ -1213,7 +1219,7 @@ async def _join(state: _IsolateState) -> None:
     # cancelling leftover tasks (after an error report, say) is waited for
     # without blocking the loop: its thread wakes us when it is done.
     thread.join(0.02)
-    if thread.is_alive() or not thread._started.is_set():
+    if not thread.has_ended():
         await state._finished_future()
         thread.join()
 

@@ -947,6 +947,34 @@ timer_event_run_due(TimerEvent *self)
     return res;
 }
 
+/* A new batch of `events` (a list of TimerEvent; stolen). */
+static TimerBatch *
+timer_batch_new(EventRunner *runner, PyObject *events)
+{
+    TimerBatch *b = PyObject_GC_New(TimerBatch, &TimerBatch_Type);
+    if (b == NULL) {
+        Py_DECREF(events);
+        return NULL;
+    }
+    b->vectorcall = timer_batch_vectorcall;
+    b->runner = (EventRunner *)Py_NewRef((PyObject *)runner);
+    b->events = events;
+    PyObject_GC_Track(b);
+    return b;
+}
+
+/* The event can run: it still has its loop and context; 0, or -1 with
+ * RuntimeError. */
+static int
+timer_event_check(TimerEvent *self)
+{
+    if (self->runner == NULL || self->runner->loop == NULL || self->ctx == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "dartloop timer event used without its loop");
+        return -1;
+    }
+    return 0;
+}
+
 /* The first call, from a libuv timer: join the open batch or queue a new
  * one; 0 or -1. */
 static int
@@ -964,15 +992,10 @@ timer_event_join(TimerEvent *self)
         return -1;
     }
     PyList_SET_ITEM(events, 0, Py_NewRef((PyObject *)self));
-    TimerBatch *b = PyObject_GC_New(TimerBatch, &TimerBatch_Type);
+    TimerBatch *b = timer_batch_new(runner, events);
     if (b == NULL) {
-        Py_DECREF(events);
         return -1;
     }
-    b->vectorcall = timer_batch_vectorcall;
-    b->runner = (EventRunner *)Py_NewRef((PyObject *)runner);
-    b->events = events;
-    PyObject_GC_Track(b);
     int rc = uv_queue(runner, (PyObject *)b);
 #ifndef Py_GIL_DISABLED
     if (rc == 0) {
@@ -991,11 +1014,10 @@ timer_event_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject
         PyErr_SetString(PyExc_TypeError, "a dartloop timer event takes no arguments");
         return NULL;
     }
-    EventRunner *runner = self->runner;
-    if (runner == NULL || runner->loop == NULL || self->ctx == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "dartloop timer event used without its loop");
+    if (timer_event_check(self) < 0) {
         return NULL;
     }
+    EventRunner *runner = self->runner;
     Py_INCREF(self);
     Py_INCREF(runner);
     PyObject *res = NULL;
@@ -1099,9 +1121,7 @@ timer_batch_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject
     for (i = 0; i < n; i++) {
         TimerEvent *ev = (TimerEvent *)PyList_GET_ITEM(events, i);
         Py_INCREF(ev);
-        PyObject *r = (ev->runner == NULL || ev->runner->loop == NULL || ev->ctx == NULL)
-                          ? (PyErr_SetString(PyExc_RuntimeError, "dartloop timer event used without its loop"), NULL)
-                          : timer_event_run_due(ev);
+        PyObject *r = timer_event_check(ev) < 0 ? NULL : timer_event_run_due(ev);
         Py_DECREF(ev);
         if (r == NULL) {
             res = NULL;
@@ -1113,22 +1133,11 @@ timer_batch_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject
         /* the rest, queued as a batch of its own (closed: nothing joins it) */
         PyObject *exc = fetch_exception();
         PyObject *rest = PyList_GetSlice(events, i + 1, n);
-        TimerBatch *b = rest == NULL ? NULL : PyObject_GC_New(TimerBatch, &TimerBatch_Type);
-        if (b != NULL) {
-            b->vectorcall = timer_batch_vectorcall;
-            b->runner = (EventRunner *)Py_NewRef((PyObject *)runner);
-            b->events = rest;
-            PyObject_GC_Track(b);
-            rest = NULL;
-            if (uv_queue(runner, (PyObject *)b) < 0) {
-                PyErr_WriteUnraisable(op);
-            }
-            Py_DECREF(b);
-        }
-        else {
-            Py_XDECREF(rest);
+        TimerBatch *b = rest == NULL ? NULL : timer_batch_new(runner, rest);
+        if (b == NULL || uv_queue(runner, (PyObject *)b) < 0) {
             PyErr_WriteUnraisable(op);
         }
+        Py_XDECREF(b);
         restore_exception(exc); /* steals */
     }
     Py_DECREF(events);
@@ -1806,13 +1815,20 @@ typedef struct {
 } SlotCache;
 
 #ifndef Py_GIL_DISABLED
+/* The cache describes `tp` as it is now. */
+static inline int
+slot_cache_hit(const SlotCache *cache, PyTypeObject *tp)
+{
+    return tp == cache->type && tp->tp_version_tag == cache->version && cache->version != 0;
+}
+
 /* The member descriptor that `name` finds on `tp`, from the cache or looked
  * up and cached; NULL (nothing cached) when it is not one or `generic` is
  * false (the type has its own __getattribute__/__setattr__). */
 static PyMemberDef *
 slot_member(PyTypeObject *tp, PyObject *name, SlotCache *cache, int generic)
 {
-    if (tp == cache->type && tp->tp_version_tag == cache->version && cache->version != 0) {
+    if (slot_cache_hit(cache, tp)) {
         return cache->member;
     }
     if (!generic) {
@@ -1873,7 +1889,7 @@ proxy_slot_get(PyObject *proxy, PyObject *name, int which)
 #ifndef Py_GIL_DISABLED
     SlotCache *cache = &cache_proxy_slot[which];
     PyTypeObject *tp = Py_TYPE(proxy);
-    if (!(tp == cache->type && tp->tp_version_tag == cache->version && cache->version != 0)) {
+    if (!slot_cache_hit(cache, tp)) {
         cache->version = 0;
         if (object_getattribute == NULL) {
             object_getattribute = _PyType_Lookup(&PyBaseObject_Type, str_getattribute);
