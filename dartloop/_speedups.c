@@ -372,6 +372,8 @@ runner_close_batch(EventRunner *self)
 
 #define SMALL_STACK 12
 
+static void restore_exception(PyObject *exc);
+
 static PyTypeObject EventRunner_Type;
 static PyTypeObject LoopMethod_Type;
 static int load_timer_handle_type(void);
@@ -458,6 +460,32 @@ runner_dealloc(EventRunner *self)
     PyObject_GC_Del(self);
 }
 
+/* self._dart_keep_while_unwinding(callback, args): 1 keep, 0 drop, -1 error. */
+static int
+keep_while_unwinding(PyObject *loop, PyObject *callback, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *cbargs = PyTuple_New(nargs);
+    if (cbargs == NULL) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        PyTuple_SET_ITEM(cbargs, i, Py_NewRef(args[i]));
+    }
+    PyObject *keep = PyObject_CallMethodObjArgs(loop, str_keep_unwinding, callback, cbargs, NULL);
+    Py_DECREF(cbargs);
+    if (keep == NULL) {
+        return -1;
+    }
+    int u = PyObject_IsTrue(keep);
+    Py_DECREF(keep);
+    return u;
+}
+
+/* What follows an event's callback, outside its context: report `exc` (if
+ * not NULL; stolen) as _report_callback_error, drain, serve the control
+ * queue, check for quiet.  cb = (callback, *args).  0 or -1. */
+static int event_epilogue(EventRunner *self, PyObject *loop, PyObject *exc, PyObject *const *cb, Py_ssize_t ncb);
+
 /* One event: `ctx.run(callback, *args)`, then the drain, then the isolate's
  * control queue and idle check.  args = (ctx, callback, *args).  (The Python
  * method deletes its locals before the drain so that a traceback can't keep
@@ -482,25 +510,12 @@ run_event(EventRunner *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (u) {
-        PyObject *cbargs = PyTuple_New(nargs - 2);
-        if (cbargs == NULL) {
+        u = keep_while_unwinding(loop, callback, args + 2, nargs - 2);
+        if (u <= 0) {
+            if (u == 0) {
+                Py_RETURN_NONE;
+            }
             return NULL;
-        }
-        for (Py_ssize_t i = 2; i < nargs; i++) {
-            PyTuple_SET_ITEM(cbargs, i - 2, Py_NewRef(args[i]));
-        }
-        PyObject *keep = PyObject_CallMethodObjArgs(loop, str_keep_unwinding, callback, cbargs, NULL);
-        Py_DECREF(cbargs);
-        if (keep == NULL) {
-            return NULL;
-        }
-        u = PyObject_IsTrue(keep);
-        Py_DECREF(keep);
-        if (u < 0) {
-            return NULL;
-        }
-        if (!u) {
-            Py_RETURN_NONE;
         }
     }
     Py_INCREF(loop); /* the callback may close and drop everything */
@@ -520,44 +535,60 @@ run_event(EventRunner *self, PyObject *const *args, Py_ssize_t nargs)
         /* args is (ctx, callback, *args): ctx.run(callback, *args) */
         res = PyObject_VectorcallMethod(str_run, args, nargs, NULL);
     }
+    PyObject *exc = NULL;
     if (res != NULL) {
         Py_DECREF(res);
     }
     else {
         if (must_propagate()) {
-            goto error;
+            Py_DECREF(loop);
+            return NULL;
         }
-        PyObject *exc = fetch_exception();
-        PyObject *cbargs = PyTuple_New(nargs - 2);
+        exc = fetch_exception();
+    }
+    int rc = event_epilogue(self, loop, exc, args + 1, nargs - 1);
+    Py_DECREF(loop);
+    if (rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+event_epilogue(EventRunner *self, PyObject *loop, PyObject *exc, PyObject *const *cb, Py_ssize_t ncb)
+{
+    PyObject *res;
+    if (exc != NULL) {
+        PyObject *cbargs = PyTuple_New(ncb - 1);
         if (cbargs == NULL) {
-            Py_XDECREF(exc);
-            goto error;
+            Py_DECREF(exc);
+            return -1;
         }
-        for (Py_ssize_t i = 2; i < nargs; i++) {
-            PyTuple_SET_ITEM(cbargs, i - 2, Py_NewRef(args[i]));
+        for (Py_ssize_t i = 1; i < ncb; i++) {
+            PyTuple_SET_ITEM(cbargs, i - 1, Py_NewRef(cb[i]));
         }
-        int rc = report_callback_error(loop, exc, callback, cbargs);
+        int rc = report_callback_error(loop, exc, cb[0], cbargs);
         Py_DECREF(cbargs);
-        Py_XDECREF(exc);
+        Py_DECREF(exc);
         if (rc < 0) {
-            goto error;
+            return -1;
         }
     }
     /* if self._microtasks: self._run_pending_immediate_callback() */
     int t = is_true(self->microtasks);
     if (t < 0) {
-        goto error;
+        return -1;
     }
     if (t) {
         if (self->c_drain) {
             if (drain_queue(loop, self->microtasks) < 0) {
-                goto error;
+                return -1;
             }
         }
         else {
             res = PyObject_CallMethodNoArgs(loop, str_run_pending);
             if (res == NULL) {
-                goto error;
+                return -1;
             }
             Py_DECREF(res);
         }
@@ -565,37 +596,132 @@ run_event(EventRunner *self, PyObject *const *args, Py_ssize_t nargs)
     /* if self._dart_oob: self._isolate.serve_control() */
     t = is_true(self->oob);
     if (t < 0) {
-        goto error;
+        return -1;
     }
     if (t) {
         PyObject *iso = PyObject_GetAttr(loop, str_isolate);
         if (iso == NULL) {
-            goto error;
+            return -1;
         }
         res = PyObject_CallMethodNoArgs(iso, str_serve_control);
         Py_DECREF(iso);
         if (res == NULL) {
-            goto error;
+            return -1;
         }
         Py_DECREF(res);
     }
     /* if self._dart_watch_idle: self._dart_check_idle() */
     t = is_true(self->watch_idle);
     if (t < 0) {
-        goto error;
+        return -1;
     }
     if (t) {
         res = PyObject_CallMethodNoArgs(loop, str_check_idle);
         if (res == NULL) {
-            goto error;
+            return -1;
         }
         Py_DECREF(res);
     }
+    return 0;
+}
+
+/* The direct form, runner(callback, *args): uvloop has already entered the
+ * event's context (registered with context=ctx), so the callback is called
+ * as it is; what comes after it must run outside that context, as in the
+ * ctx form (the drain may enter the same context for a microtask), so the
+ * runner leaves it for the neutral context and enters it again before
+ * returning to uvloop, which exits it. An event with nothing to do after
+ * its callback (no error, no microtask, no control message, no idle watch)
+ * never leaves it. */
+static PyObject *
+run_event_direct(EventRunner *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *loop = self->loop, *res;
+    if (!self->bound || loop == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "dartloop event runner used before bind()");
+        return NULL;
+    }
+    PyObject *callback = args[0];
+    runner_close_batch(self);
+    int u = is_true(self->unwinding);
+    if (u < 0) {
+        return NULL;
+    }
+    if (u) {
+        u = keep_while_unwinding(loop, callback, args + 1, nargs - 1);
+        if (u <= 0) {
+            if (u == 0) {
+                Py_RETURN_NONE;
+            }
+            return NULL;
+        }
+    }
+    Py_INCREF(loop); /* the callback may close and drop everything */
+    self->events++;
+    PyObject *exc = NULL;
+    res = PyObject_Vectorcall(callback, args + 1, nargs - 1, NULL);
+    if (res != NULL) {
+        Py_DECREF(res);
+    }
+    else {
+        if (must_propagate()) {
+            Py_DECREF(loop);
+            return NULL;
+        }
+        exc = fetch_exception();
+    }
+    if (exc == NULL && !is_true(self->microtasks) && !is_true(self->oob) && !is_true(self->watch_idle)) {
+        Py_DECREF(loop);
+        Py_RETURN_NONE;
+    }
+    /* Leave the event's context for the neutral one, and come back. */
+    PyObject *ctx = PyThreadState_Get()->context;
+    int left = ctx != NULL && PyContext_CheckExact(ctx);
+    if (left) {
+        Py_INCREF(ctx);
+        if (PyContext_Exit(ctx) < 0) {
+            /* not entered: called from elsewhere than uvloop's handle */
+            PyErr_Clear();
+            Py_CLEAR(ctx);
+            left = 0;
+        }
+    }
+    int rc = PyContext_Enter(self->neutral);
+    if (rc == 0) {
+        rc = event_epilogue(self, loop, exc, args, nargs);
+        exc = NULL;
+        if (PyContext_Exit(self->neutral) < 0) {
+            rc = -1;
+        }
+    }
+    Py_XDECREF(exc);
+    if (left) {
+        PyObject *err = PyErr_Occurred() ? fetch_exception() : NULL;
+        if (PyContext_Enter(ctx) < 0) {
+            Py_XDECREF(err);
+            rc = -1;
+        }
+        else if (err != NULL) {
+            restore_exception(err);
+        }
+        Py_DECREF(ctx);
+    }
     Py_DECREF(loop);
+    if (rc < 0) {
+        return NULL;
+    }
     Py_RETURN_NONE;
-error:
-    Py_DECREF(loop);
-    return NULL;
+}
+
+/* runner(ctx, callback, *args) or runner(callback, *args): a Context first
+ * is the ctx form (the pure _run_event), anything else the direct form. */
+static inline PyObject *
+runner_dispatch(EventRunner *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs >= 1 && !PyContext_CheckExact(args[0])) {
+        return run_event_direct(self, args, nargs);
+    }
+    return run_event(self, args, nargs);
 }
 
 static PyObject *
@@ -606,7 +732,19 @@ runner_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject
                      PyTuple_GET_ITEM(kwnames, 0));
         return NULL;
     }
-    return run_event((EventRunner *)self, args, PyVectorcall_NARGS(nargsf));
+    return runner_dispatch((EventRunner *)self, args, PyVectorcall_NARGS(nargsf));
+}
+
+/* uvloop calls its callbacks with an args tuple (tp_call): take its items as
+ * they are instead of going through PyVectorcall_Call. */
+static PyObject *
+runner_call(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+        PyErr_SetString(PyExc_TypeError, "_run_event() takes no keyword arguments");
+        return NULL;
+    }
+    return runner_dispatch((EventRunner *)self, &PyTuple_GET_ITEM(args, 0), PyTuple_GET_SIZE(args));
 }
 
 PyDoc_STRVAR(runner_bind_doc,
@@ -759,7 +897,7 @@ static PyTypeObject EventRunner_Type = {
     .tp_dealloc = (destructor)runner_dealloc,
     .tp_vectorcall_offset = offsetof(EventRunner, vectorcall),
     .tp_repr = (reprfunc)runner_repr,
-    .tp_call = PyVectorcall_Call,
+    .tp_call = runner_call,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_doc = runner_doc,
     .tp_traverse = (traverseproc)runner_traverse,
@@ -821,7 +959,6 @@ typedef struct {
 
 static PyTypeObject TimerEvent_Type, TimerBatch_Type;
 static PyObject *timer_batch_vectorcall(PyObject *op, PyObject *const *a, size_t nargsf, PyObject *kwnames);
-static void restore_exception(PyObject *exc);
 
 static PyObject *uv_call_soon;         /* uvloop.Loop.call_soon, lazily */
 static PyTypeObject *uv_timer_handle;  /* uvloop.loop.TimerHandle, lazily */
@@ -1320,38 +1457,50 @@ loopmethod_schedule(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObjec
         /* Debug mode checks the callback first: the Python method does it. */
         return fallback_call(m, args, nargsf, kwnames);
     }
-    PyObject *ctx = (context != NULL && context != Py_None) ? Py_NewRef(context) : PyContext_CopyCurrent();
+    if (context == Py_None) {
+        context = NULL;
+    }
+    PyObject *handle;
+    if (!timer && context == NULL && !PyContext_CheckExact(args[1])) {
+        /* The direct form, [self, runner, callback, *args]: uvloop makes
+         * the copy of the current context and enters it itself, as it does
+         * for its own callbacks, which saves entering it a second time and
+         * the keyword argument. Only when no context is given, as uvloop's
+         * fresh copy can't be entered anywhere else: an explicit one may be
+         * entered already when the event runs (the loop run inside it),
+         * which uvloop does not survive (its Context_Exit then fails and
+         * stops the loop), while the ctx form reports it as the event's
+         * error, as asyncio does. A Context as the callback would read as
+         * the ctx form. */
+        Py_ssize_t n = nargs + 1;
+        PyObject *small[SMALL_STACK];
+        PyObject **stack = small;
+        if (n > SMALL_STACK) {
+            stack = PyMem_Malloc(n * sizeof(PyObject *));
+            if (stack == NULL) {
+                Py_DECREF(runner);
+                return PyErr_NoMemory();
+            }
+        }
+        stack[0] = loop;
+        stack[1] = (PyObject *)runner;
+        for (Py_ssize_t i = 1; i < nargs; i++) {
+            stack[i + 1] = args[i];
+        }
+        handle = PyObject_Vectorcall(m->base, stack, n, NULL);
+        if (stack != small) {
+            PyMem_Free(stack);
+        }
+        Py_DECREF(runner);
+        return handle;
+    }
+    PyObject *ctx = context != NULL ? Py_NewRef(context) : PyContext_CopyCurrent();
     if (ctx == NULL) {
         Py_DECREF(runner);
         return NULL;
     }
-    PyObject *handle;
-    if (timer) {
-        TimerEvent *ev = timer_event_new(runner, ctx, args[2], args + 3, nargs - 3);
-        if (ev == NULL) {
-            Py_DECREF(ctx);
-            Py_DECREF(runner);
-            return NULL;
-        }
-        PyObject *stack[4] = {loop, args[1], (PyObject *)ev, runner->neutral};
-        handle = PyObject_Vectorcall(m->base, stack, 3, kwnames_context);
-        int watching = handle == NULL ? 0 : is_true(runner->watch_idle);
-        if (watching < 0) {
-            Py_CLEAR(handle);
-        }
-        if (handle != NULL) {
-            ev->handle = Py_NewRef(handle);
-            /* a libuv timer, not a ready callback (zero delay) */
-            ev->ready = !(uv_timer_handle != NULL && Py_IS_TYPE(handle, uv_timer_handle));
-        }
-        /* if self._dart_watch_idle: self._dart_timer_handles.add(handle) */
-        if (handle != NULL && watching && timer_handles_update(loop, handle, 1) < 0) {
-            Py_CLEAR(handle);
-        }
-        Py_DECREF(ev);
-    }
-    else {
-        /* [self, runner, ctx, callback, *args] + context=neutral */
+    if (!timer) {
+        /* The ctx form: [self, runner, ctx, callback, *args] + context=neutral */
         Py_ssize_t n = nargs + 2;
         PyObject *small[SMALL_STACK + 1];
         PyObject **stack = small;
@@ -1374,6 +1523,30 @@ loopmethod_schedule(LoopMethod *m, PyObject *const *args, size_t nargsf, PyObjec
         if (stack != small) {
             PyMem_Free(stack);
         }
+    }
+    else {
+        TimerEvent *ev = timer_event_new(runner, ctx, args[2], args + 3, nargs - 3);
+        if (ev == NULL) {
+            Py_DECREF(ctx);
+            Py_DECREF(runner);
+            return NULL;
+        }
+        PyObject *stack[4] = {loop, args[1], (PyObject *)ev, runner->neutral};
+        handle = PyObject_Vectorcall(m->base, stack, 3, kwnames_context);
+        int watching = handle == NULL ? 0 : is_true(runner->watch_idle);
+        if (watching < 0) {
+            Py_CLEAR(handle);
+        }
+        if (handle != NULL) {
+            ev->handle = Py_NewRef(handle);
+            /* a libuv timer, not a ready callback (zero delay) */
+            ev->ready = !(uv_timer_handle != NULL && Py_IS_TYPE(handle, uv_timer_handle));
+        }
+        /* if self._dart_watch_idle: self._dart_timer_handles.add(handle) */
+        if (handle != NULL && watching && timer_handles_update(loop, handle, 1) < 0) {
+            Py_CLEAR(handle);
+        }
+        Py_DECREF(ev);
     }
     Py_DECREF(ctx);
     Py_DECREF(runner);

@@ -587,6 +587,114 @@ def test_contexts(plain_kit: Kit) -> None:
     assert ctx[VAR] == "set-by-timer"
 
 
+def _context_trace(loop: asyncio.AbstractEventLoop, schedule: Callable[..., None] | None) -> list[str]:
+    """What events queued without a context see of their context, on ``loop``.
+
+    Each event gets a copy of the context current at ``call_soon``, sets the
+    variable in it without leaking to the caller or to other events, and,
+    with ``schedule``, queues a microtask that records what the drain sees.
+    A failing event's report is recorded by the exception handler.
+    """
+    out: list[str] = []
+
+    def event(tag: str) -> None:
+        out.append(f"{tag}:{VAR.get()}")
+        VAR.set(f"set-by-{tag}")
+        if schedule is not None:
+            schedule(lambda: out.append(f"{tag}.m:{VAR.get()}"))
+        if tag == "bad":
+            raise ValueError(tag)
+
+    def handler(_loop: object, context: dict[str, Any]) -> None:
+        out.append(f"report:{type(context['exception']).__name__}:{VAR.get()}")
+
+    async def main() -> None:
+        VAR.set("a")
+        loop.call_soon(event, "e1")
+        VAR.set("b")  # after the copy: e1 still sees "a"
+        loop.call_soon(event, "e2")
+        loop.call_soon_threadsafe(event, "e3")
+        loop.call_soon(event, "bad")
+        await _settle()
+        out.append(f"caller:{VAR.get()}")
+
+    loop.set_exception_handler(handler)
+    VAR.set("outside")
+    try:
+        loop.run_until_complete(main())
+    finally:
+        VAR.set("unset")
+    return out
+
+
+def test_events_without_a_context_run_in_a_copy_like_stock_loops(plain_kit: Kit) -> None:
+    # uvloop is handed these without a context on the C path, and makes and
+    # enters the copy itself (the direct form of the event runner); the pure
+    # path passes the copy. The events' own view must match the stock loop
+    # of the backend in the same run, and the drain and the report must run
+    # outside the event's context on both paths.
+    loop = plain_kit.loop
+    stock = asyncio.SelectorEventLoop() if loop.backend == "asyncio" else _uvloop_new()
+    try:
+        want = _context_trace(stock, None)
+    finally:
+        stock.close()
+    got = _context_trace(loop, plain_kit.schedule)
+    assert [x for x in got if ".m:" not in x and not x.startswith("report:")] == [
+        x for x in want if not x.startswith("report:")
+    ]
+    assert want[:4] == ["e1:a", "e2:b", "e3:b", "bad:b"] and want[-1] == "caller:b"
+    drain = "unset" if loop.backend == "uvloop" else "outside"
+    # asyncio 3.12+ calls the exception handler in the handle's context.
+    report = "set-by-bad" if loop.backend == "asyncio" and sys.version_info >= (3, 12) else drain
+    assert [x for x in got if ".m:" in x or x.startswith("report:")] == [
+        f"e1.m:{drain}", f"e2.m:{drain}", f"e3.m:{drain}", f"report:ValueError:{report}", f"bad.m:{drain}",
+    ]  # fmt: skip
+
+
+def _uvloop_new() -> asyncio.AbstractEventLoop:
+    import uvloop
+
+    return uvloop.new_event_loop()
+
+
+@pytest.mark.skipif("uvloop" not in BACKENDS, reason="uvloop is not installed")
+def test_the_event_runner_called_outside_uvloop_runs_the_event_and_drains() -> None:
+    # The direct form leaves the context uvloop entered for the drain; called
+    # by anyone else (no context of its own entered, or inside ctx.run), it
+    # runs the event and the drain all the same and leaves the caller's
+    # context as it was. uvloop calls it through tp_call with a tuple, which
+    # Python code reaches through the type's __call__.
+    _require_c()
+    loop, _ = make_loop("uvloop", "c")
+    kit = Kit(loop, loop._schedule_microtask)  # no running loop: the loop's own method
+    out: list[str] = []
+    try:
+        runner = loop._dart_run_event  # type: ignore[attr-defined]
+
+        def event(tag: str) -> None:
+            out.append(f"{tag}:{VAR.get()}")
+            kit.schedule(lambda: out.append(f"{tag}.m:{VAR.get()}"))
+
+        runner(event, "plain")
+        ctx = contextvars.Context()
+        ctx.run(VAR.set, "ctx")
+        ctx.run(runner, event, "in-ctx")
+        ctx.run(lambda: out.append(f"after:{VAR.get()}"))
+        call = type(runner).__call__
+        call(runner, event, "tp-call")
+        with pytest.raises(TypeError, match="takes no keyword arguments"):
+            call(runner, event, "kw", x=1)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'x'"):
+            runner(event, "kw", x=1)
+    finally:
+        loop.close()
+    assert out == [
+        "plain:unset", "plain.m:unset", "in-ctx:ctx", "in-ctx.m:unset", "after:ctx", "tp-call:unset", "tp-call.m:unset",
+    ]  # fmt: skip
+    assert not kit.errors
+
+
 def test_a_context_that_is_already_entered_fails_the_event(plain_kit: Kit) -> None:
     loop = plain_kit.loop
     out: list[str] = []
