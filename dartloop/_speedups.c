@@ -481,6 +481,50 @@ keep_while_unwinding(PyObject *loop, PyObject *callback, PyObject *const *args, 
     return u;
 }
 
+/* What comes before an event's callback, cb = (callback, *args): the
+ * runner must be bound; what the event queues goes behind the open timer
+ * batch; `if self._dart_unwinding and not self._dart_keep_while_unwinding(
+ * callback, args): return`; the event is counted. 1 run it, 0 skip it, -1
+ * error. */
+static int
+event_prologue(EventRunner *self, PyObject *const *cb, Py_ssize_t ncb)
+{
+    if (!self->bound || self->loop == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "dartloop event runner used before bind()");
+        return -1;
+    }
+    runner_close_batch(self);
+    int u = is_true(self->unwinding);
+    if (u < 0) {
+        return -1;
+    }
+    if (u) {
+        u = keep_while_unwinding(self->loop, cb[0], cb + 1, ncb - 1);
+        if (u <= 0) {
+            return u;
+        }
+    }
+    self->events++;
+    return 1;
+}
+
+/* The callback's result res (stolen): 0 with *exc the error to report, or
+ * NULL; -1 if the error must propagate instead (must_propagate()). */
+static inline int
+event_outcome(PyObject *res, PyObject **exc)
+{
+    *exc = NULL;
+    if (res != NULL) {
+        Py_DECREF(res);
+        return 0;
+    }
+    if (must_propagate()) {
+        return -1;
+    }
+    *exc = fetch_exception();
+    return 0;
+}
+
 /* What follows an event's callback, outside its context: report `exc` (if
  * not NULL; stolen) as _report_callback_error, drain, serve the control
  * queue, check for quiet.  cb = (callback, *args).  0 or -1. */
@@ -494,32 +538,16 @@ static PyObject *
 run_event(EventRunner *self, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *loop = self->loop, *res;
-    if (!self->bound || loop == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "dartloop event runner used before bind()");
-        return NULL;
-    }
     if (nargs < 2) {
         PyErr_SetString(PyExc_TypeError, "_run_event() needs a context and a callback");
         return NULL;
     }
     PyObject *ctx = args[0], *callback = args[1];
-    runner_close_batch(self); /* what the event queues goes behind the batch */
-    /* if self._dart_unwinding and not self._dart_keep_while_unwinding(callback, args): return */
-    int u = is_true(self->unwinding);
-    if (u < 0) {
-        return NULL;
-    }
-    if (u) {
-        u = keep_while_unwinding(loop, callback, args + 2, nargs - 2);
-        if (u <= 0) {
-            if (u == 0) {
-                Py_RETURN_NONE;
-            }
-            return NULL;
-        }
+    int run = event_prologue(self, args + 1, nargs - 1);
+    if (run <= 0) {
+        return run < 0 ? NULL : Py_NewRef(Py_None);
     }
     Py_INCREF(loop); /* the callback may close and drop everything */
-    self->events++;
     if (PyContext_CheckExact(ctx)) {
         if (PyContext_Enter(ctx) < 0) {
             res = NULL;
@@ -535,16 +563,10 @@ run_event(EventRunner *self, PyObject *const *args, Py_ssize_t nargs)
         /* args is (ctx, callback, *args): ctx.run(callback, *args) */
         res = PyObject_VectorcallMethod(str_run, args, nargs, NULL);
     }
-    PyObject *exc = NULL;
-    if (res != NULL) {
-        Py_DECREF(res);
-    }
-    else {
-        if (must_propagate()) {
-            Py_DECREF(loop);
-            return NULL;
-        }
-        exc = fetch_exception();
+    PyObject *exc;
+    if (event_outcome(res, &exc) < 0) {
+        Py_DECREF(loop);
+        return NULL;
     }
     int rc = event_epilogue(self, loop, exc, args + 1, nargs - 1);
     Py_DECREF(loop);
@@ -637,38 +659,17 @@ static PyObject *
 run_event_direct(EventRunner *self, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *loop = self->loop, *res;
-    if (!self->bound || loop == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "dartloop event runner used before bind()");
-        return NULL;
-    }
     PyObject *callback = args[0];
-    runner_close_batch(self);
-    int u = is_true(self->unwinding);
-    if (u < 0) {
-        return NULL;
-    }
-    if (u) {
-        u = keep_while_unwinding(loop, callback, args + 1, nargs - 1);
-        if (u <= 0) {
-            if (u == 0) {
-                Py_RETURN_NONE;
-            }
-            return NULL;
-        }
+    int run = event_prologue(self, args, nargs);
+    if (run <= 0) {
+        return run < 0 ? NULL : Py_NewRef(Py_None);
     }
     Py_INCREF(loop); /* the callback may close and drop everything */
-    self->events++;
-    PyObject *exc = NULL;
     res = PyObject_Vectorcall(callback, args + 1, nargs - 1, NULL);
-    if (res != NULL) {
-        Py_DECREF(res);
-    }
-    else {
-        if (must_propagate()) {
-            Py_DECREF(loop);
-            return NULL;
-        }
-        exc = fetch_exception();
+    PyObject *exc;
+    if (event_outcome(res, &exc) < 0) {
+        Py_DECREF(loop);
+        return NULL;
     }
     if (exc == NULL && !is_true(self->microtasks) && !is_true(self->oob) && !is_true(self->watch_idle)) {
         Py_DECREF(loop);
@@ -888,7 +889,8 @@ static PyMethodDef runner_methods[] = {
 PyDoc_STRVAR(runner_doc,
 "EventRunner(loop)\n--\n\n"
 "The uvloop backend's per-event wrapper: runner(ctx, callback, *args) is\n"
-"_UVDartLoop._run_event.");
+"_UVDartLoop._run_event; runner(callback, *args) is the same for an event\n"
+"whose context uvloop has entered (the drain runs in the neutral context).");
 
 static PyTypeObject EventRunner_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)

@@ -290,13 +290,18 @@ def test_subprocess_exec_with_pipes() -> None:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd")
+@pytest.mark.parametrize("pipe", ["pipe2", "socketpair"])
 @pytest.mark.parametrize("path", ["pure", "c"])
-def test_the_asyncio_backend_self_pipe_is_stocks(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # dartloop makes the self-pipe in one call (see _AsyncioDartLoop._make_self_pipe):
-    # as many descriptors as stock asyncio's loop, both ends non-blocking,
-    # all released by close(), and other threads wake the loop through it.
+def test_the_asyncio_backend_self_pipe_works_as_stocks(path: str, pipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # dartloop's self-pipe is a pipe (see _AsyncioDartLoop._make_self_pipe),
+    # or asyncio's socket pair where there is no os.pipe2: as many
+    # descriptors as stock asyncio's, both ends non-blocking and
+    # close-on-exec, all released by close(), other threads wake the loop
+    # through it, and a write after close() is a no-op.
     from dartloop import _loop
 
+    if pipe == "socketpair":
+        monkeypatch.setattr(_loop, "_PIPE_FLAGS", None)
     if path == "pure":
         monkeypatch.setattr(_loop, "SPEEDUPS", None)
     elif _loop.SPEEDUPS is None:
@@ -306,8 +311,8 @@ def test_the_asyncio_backend_self_pipe_is_stocks(path: str, monkeypatch: pytest.
         before = len(os.listdir("/proc/self/fd"))
         loop = factory()
         opened = len(os.listdir("/proc/self/fd")) - before
-        ends = [loop._ssock, loop._csock]  # type: ignore[attr-defined]
-        modes = [(end.gettimeout(), os.get_blocking(end.fileno())) for end in ends]
+        fds = [loop._ssock.fileno(), loop._csock.fileno()]  # type: ignore[attr-defined]
+        modes = [(os.get_blocking(fd), os.get_inheritable(fd)) for fd in fds]
 
         async def woken() -> str:
             fut = loop.create_future()
@@ -316,20 +321,39 @@ def test_the_asyncio_backend_self_pipe_is_stocks(path: str, monkeypatch: pytest.
 
         result = loop.run_until_complete(woken())
         loop.close()
-        return [opened, modes, result, len(os.listdir("/proc/self/fd")) - before, [end.fileno() for end in ends]]
+        loop._write_to_self()  # type: ignore[attr-defined]
+        return [opened, modes, result, len(os.listdir("/proc/self/fd")) - before, loop._ssock, loop._csock]  # type: ignore[attr-defined]
 
     stock = probe(asyncio.SelectorEventLoop)
+    loop = dartloop.new_event_loop(backend="asyncio")
+    assert type(loop._ssock).__name__ == ("FileIO" if pipe == "pipe2" else "socket")  # type: ignore[attr-defined]
+    loop.close()
     ours = probe(functools.partial(dartloop.new_event_loop, backend="asyncio"))
-    assert ours == stock == [3, [(0.0, False), (0.0, False)], "woken", 0, [-1, -1]]
+    assert ours == stock == [3, [(False, False), (False, False)], "woken", 0, None, None]
 
 
-def test_the_self_pipe_is_emptied_also_beyond_one_read() -> None:
-    # More wakeup bytes than one read takes (4096) are all read, as by
-    # stock asyncio, through dartloop's C socket pair.
-    def left_over(factory: Callable[[], asyncio.AbstractEventLoop]) -> int:
+@pytest.mark.parametrize("pipe", ["pipe2", "socketpair"])
+@pytest.mark.parametrize("backlog", [1, 4095, 4096, 10_000])
+def test_the_self_pipe_is_emptied_also_beyond_one_read(backlog: int, pipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # However many wakeup bytes are queued (one read takes 4096), all are
+    # read, as by stock asyncio, and each reaches _process_self_data (signals).
+    from dartloop import _loop
+
+    if pipe == "socketpair":
+        monkeypatch.setattr(_loop, "_PIPE_FLAGS", None)
+
+    def left_over(factory: Callable[[], asyncio.AbstractEventLoop]) -> list[Any]:
         loop = factory()
+        seen: list[bytes] = []
+        process = loop._process_self_data  # type: ignore[attr-defined]
+
+        def record(data: bytes) -> None:
+            seen.append(data)
+            process(data)
+
+        loop._process_self_data = record  # type: ignore[attr-defined]
         try:
-            loop._csock.send(b"\0" * 10_000)  # type: ignore[attr-defined]
+            os.write(loop._csock.fileno(), b"\0" * backlog)  # type: ignore[attr-defined]
 
             async def turns() -> None:
                 for _ in range(5):
@@ -337,13 +361,134 @@ def test_the_self_pipe_is_emptied_also_beyond_one_read() -> None:
 
             loop.run_until_complete(turns())
             try:
-                return len(loop._ssock.recv(65536))  # type: ignore[attr-defined]
+                rest = len(os.read(loop._ssock.fileno(), 65536))  # type: ignore[attr-defined]
             except BlockingIOError:
-                return 0
+                rest = 0
+            return [rest, sum(map(len, seen))]
         finally:
             loop.close()
 
-    assert left_over(asyncio.SelectorEventLoop) == left_over(functools.partial(dartloop.new_event_loop, backend="asyncio")) == 0
+    assert left_over(asyncio.SelectorEventLoop) == left_over(functools.partial(dartloop.new_event_loop, backend="asyncio")) == [0, backlog]
+
+
+def _readiness_scenario(loop: asyncio.AbstractEventLoop) -> list[Any]:
+    # What an I/O turn dispatches, in order: several descriptors ready in one
+    # poll, a descriptor readable and writable in the same poll (reader
+    # first), a cancelled reader handle (unregistered by the turn that
+    # finds it), and a hang-up, which wakes the reader.
+    events: list[Any] = []
+    pairs = [socket.socketpair() for _ in range(3)]
+    for a, _ in pairs:
+        a.setblocking(False)
+    a0, a1, a2 = (a for a, _ in pairs)
+    b0, b1, b2 = (b for _, b in pairs)
+    try:
+
+        async def main() -> None:
+            waiting: list[Any] = []
+
+            def record(event: Any) -> None:
+                events.append(event)
+                if waiting and len(events) >= waiting[0][0]:
+                    waiting.pop()[1].set_result(None)
+
+            async def until(count: int) -> None:
+                fut = loop.create_future()
+                waiting.append((count, fut))
+                await fut
+
+            def on_read(i: int, sock: socket.socket) -> None:
+                data = sock.recv(16)
+                if not data:  # hung up: readable for good
+                    loop.remove_reader(sock)
+                record(("read", i, data))
+
+            def on_write() -> None:
+                loop.remove_writer(a0)
+                record(("write", 0))
+
+            for i, a in enumerate((a0, a1, a2)):
+                loop.add_reader(a, on_read, i, a)
+            for i, b in enumerate((b0, b1, b2)):
+                b.send(b"x%d" % i)
+            await until(3)
+            b0.send(b"again")
+            loop.add_writer(a0, on_write)
+            await until(5)
+            loop._selector.get_key(a1.fileno()).data[0].cancel()  # type: ignore[attr-defined]
+            b1.send(b"lost")
+            b2.send(b"last")
+            await until(6)
+            events.append(("a1 registered", a1.fileno() in loop._selector.get_map()))  # type: ignore[attr-defined]
+            b2.close()
+            await until(8)
+            b0.send(b"end")
+            await until(9)
+            events.append(("a2 registered", a2.fileno() in loop._selector.get_map()))  # type: ignore[attr-defined]
+            loop.remove_reader(a0)
+
+        loop.run_until_complete(main())
+        return events
+    finally:
+        loop.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+@pytest.mark.parametrize("selector", ["epoll", "poll", "epoll-subclass", "own-process-events"])
+@pytest.mark.parametrize("path", ["pure", "c"])
+def test_the_asyncio_backend_turn_dispatches_io_as_the_selector_loop(path: str, selector: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the stdlib EpollSelector and asyncio's _process_events the turn
+    # polls epoll itself (see _AsyncioDartLoop._run_once); with any other
+    # selector, or a subclass that has its own _process_events, it goes
+    # through select() and _process_events(). Either way it dispatches what
+    # stock asyncio's loop with the same selector dispatches, in its order.
+    import selectors
+
+    from dartloop import _loop
+
+    if not hasattr(selectors, "EpollSelector"):
+        pytest.skip("needs epoll")
+    if path == "pure":
+        monkeypatch.setattr(_loop, "SPEEDUPS", None)
+    elif _loop.SPEEDUPS is None:
+        pytest.skip("dartloop._speedups is not built")
+
+    class OwnSelector(selectors.EpollSelector):
+        pass
+
+    def make_selector() -> selectors.BaseSelector:
+        kind = {"poll": selectors.PollSelector, "epoll-subclass": OwnSelector}.get(selector, selectors.EpollSelector)
+        return kind()
+
+    processed: list[int] = []
+    base = _loop._loop_class("asyncio", False)
+    if selector == "own-process-events":
+
+        class Own(base):  # type: ignore[valid-type,misc]
+            def _process_events(self, event_list: list[Any]) -> None:
+                processed.append(len(event_list))
+                super()._process_events(event_list)
+
+        base = Own
+    ours = base(make_selector())  # type: ignore[call-arg]
+    assert (ours._dart_state._dart_epoll is not None) == (selector == "epoll")  # type: ignore[attr-defined]
+    got = _readiness_scenario(ours)
+    assert got == _readiness_scenario(asyncio.SelectorEventLoop(make_selector()))
+    assert got == [
+        ("read", 0, b"x0"),
+        ("read", 1, b"x1"),
+        ("read", 2, b"x2"),
+        ("read", 0, b"again"),
+        ("write", 0),
+        ("read", 2, b"last"),
+        ("a1 registered", False),
+        ("read", 2, b""),
+        ("read", 0, b"end"),
+        ("a2 registered", False),
+    ]
+    assert (sum(processed) > 0) == (selector == "own-process-events")
 
 
 @pytest.mark.skipif(not IN_MAIN_THREAD, reason="signals need the main thread")
