@@ -30,15 +30,12 @@ import operator
 import os
 import select
 import selectors
-import socket
 import sys
 import threading
 import weakref
 from asyncio import base_events
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-from ._errors import _IsolateUnwind
 
 if TYPE_CHECKING:
     from ._isolate import _IsolateState
