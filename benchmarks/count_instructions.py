@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.bench == ROUND_TRIP:
         n = args.n or 1000
-        uv = [c.name for c in rb.make_contenders(False) if c.name == "uvloop"]
-        names = ["raw asyncio", *(["raw uvloop"] if uv else []), "dartloop(asyncio)", *(["dartloop(uvloop)"] if uv else [])]
+        names = ["raw asyncio", "dartloop(asyncio)"]
+        if rb.uvloop is not None:
+            names += ["raw uvloop", "dartloop(uvloop)"]
         title, unit, pairs = "isolate round trip", "round trip", ROUND_TRIP_PAIRS
     else:
         bench = next(b for b in rb.BENCHES if b.key == args.bench)
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in per_event and stock in per_event:
             print(f"  {name} / {stock}: {per_event[name] / per_event[stock]:.3f}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
