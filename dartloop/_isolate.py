@@ -14,7 +14,8 @@ messages and Dart timers wait while it is paused.
 A spawned isolate ends when no event can come any more (see
 ``DartEventLoop`` liveness), on ``Isolate.exit``, on ``kill``, or on an
 uncaught error while errors are fatal. Then its ports are closed, tasks
-still waiting are cancelled (as ``asyncio.run`` does), its loop is closed,
+still waiting are cancelled (as ``asyncio.run`` does; the ones its loop's
+``create_task`` made, see ``_loop._SpawnedMixin``), its loop is closed,
 and last its exit listeners are told; the thread then ends and is joined by
 whoever waits for it (``Isolate.run``, or the root isolate when it closes).
 """
@@ -38,7 +39,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ._errors import IsolateSpawnException, RemoteError, _IsolateKilled, _IsolateUnwind
-from ._loop import SPEEDUPS, DartEventLoop, new_event_loop
+from ._loop import SPEEDUPS, DartEventLoop, _leftover_tasks, _new_spawned_loop
 from ._message import check_message, prepare_message
 from ._microtasks import running_dart_loop
 from ._ports import Capability, RawReceivePort, SendPort, _new_port_id, _PortCore
@@ -536,7 +537,7 @@ class _IsolateState:
             if loop.backend == "uvloop":
                 # Only uvloop steps tasks on the way out; the asyncio backend
                 # leaves run_forever at once and _finish cancels them.
-                for task in asyncio.all_tasks(loop):
+                for task in _leftover_tasks(loop):
                     task.cancel()
         raise kind(reason) from cause
 
@@ -596,7 +597,7 @@ class _IsolateState:
         """Make the isolate's loop and queue its entry. Spawner's thread, before
         the isolate's thread starts (which then has only to run the loop, so
         the spawner need not wait for it)."""
-        loop = new_event_loop(backend=backend, strict=strict)
+        loop = _new_spawned_loop(backend, strict)
         self.bind_loop(loop)
         self.thread_id = None  # set by thread_main, in the isolate's own thread
         if self.resume_caps:
@@ -702,6 +703,7 @@ class _IsolateState:
                 loop.call_exception_handler({"message": f"error while ending isolate {self.debug_name!r}", "exception": exc})
             except Exception:  # pragma: no cover
                 pass
+        _retrieve_unwinds(loop)
         try:
             loop.close()
         except Exception:  # pragma: no cover
@@ -717,7 +719,7 @@ class _IsolateState:
     def _cancel_leftovers(self, loop: DartEventLoop) -> None:
         if loop.is_closed():
             return
-        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        tasks = _leftover_tasks(loop)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -741,6 +743,25 @@ class _IsolateState:
                 loop.run_until_complete(loop.shutdown_default_executor())
             finally:
                 loop._executor_jobs -= 1
+
+
+def _retrieve_unwinds(loop: DartEventLoop) -> None:
+    """Mark the ``_IsolateUnwind`` that ended a task as retrieved.
+
+    The task whose step called ``Isolate.exit`` (or was interrupted by
+    ``kill``, or raised while errors are fatal) ends with the exception that
+    unwinds the thread. Nothing awaits that task any more, and asyncio would
+    log "Task exception was never retrieved" when it is collected (on the
+    asyncio backend, which leaves ``run_forever`` at once, even for the
+    ``Isolate.run`` entry task). Other exceptions are left to be reported.
+    """
+    tasks = loop._dart_tasks
+    if tasks is None:
+        return
+    for task in list(tasks):
+        # _exception reads it without retrieving it (both the C and the Python Task).
+        if task.done() and isinstance(getattr(task, "_exception", None), _IsolateUnwind):
+            task.exception()
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:

@@ -12,6 +12,8 @@ earlier one has been sent, or never will be"). Nothing sleeps.
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import socket
 import sys
 import threading
@@ -1035,6 +1037,165 @@ async def test_waiting_tasks_are_cancelled_at_the_end() -> None:
     await Isolate.spawn(_leftover_task_entry, inbox.send_port, on_exit=inbox.send_port)
     assert await inbox.wait_for(4) == ["entry done", "cancelled", "finally ran", None]
     inbox.close()
+
+
+async def _many_ways_tasks_entry(message: tuple[SendPort, str]) -> None:
+    port, ending = message
+    loop = asyncio.get_running_loop()
+
+    waiting: list[str] = []
+    all_waiting = asyncio.Event()
+
+    async def waiter(name: str) -> None:
+        waiting.append(name)
+        if len(waiting) == 4:
+            all_waiting.set()
+        try:
+            await loop.create_future()
+        except asyncio.CancelledError:
+            port.send(f"cancelled {name}")
+            raise
+
+    async def group() -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(waiter("TaskGroup child"))
+
+    async def done_soon() -> None:
+        return None
+
+    finished = loop.create_task(done_soon())
+    await finished
+    gone = weakref.ref(finished)
+    del finished
+    loop.create_task(waiter("loop.create_task"))
+    asyncio.create_task(waiter("asyncio.create_task"))
+    asyncio.ensure_future(waiter("ensure_future"))
+    loop.create_task(group())
+    await all_waiting.wait()
+    # A finished task is not kept by the isolate's own set of tasks.
+    port.send(("finished task freed", gone() is None))
+    if ending == "exit":
+        Isolate.exit(port, "exit")
+
+
+@pytest.mark.parametrize("ending", ["idle", "exit"])
+async def test_leftover_tasks_are_cancelled_without_walking_every_task(
+    monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """An ending isolate finds its leftover tasks in its loop's own set, not
+    with asyncio.all_tasks(), which walks every task of every loop (so that an
+    Isolate.run would cost time in proportion to the tasks held elsewhere)."""
+    walked: list[object] = []
+    real_all_tasks = asyncio.all_tasks
+
+    def all_tasks(loop: Any = None) -> Any:
+        walked.append(loop)
+        return real_all_tasks(loop)
+
+    monkeypatch.setattr(asyncio, "all_tasks", all_tasks)
+    release = asyncio.Event()
+    elsewhere = [asyncio.create_task(release.wait()) for _ in range(3)]  # the spawner's tasks
+    inbox = Inbox()
+    await Isolate.spawn(_many_ways_tasks_entry, (inbox.send_port, ending),
+                        on_exit=inbox.send_port, debug_name="many-ways")
+    expected = {
+        "cancelled loop.create_task",
+        "cancelled asyncio.create_task",
+        "cancelled ensure_future",
+        "cancelled TaskGroup child",
+    }
+    first, *rest = await inbox.wait_for(1 + len(expected) + (2 if ending == "exit" else 1))
+    inbox.close()
+    join_isolate_threads("many-ways")
+    release.set()
+    await asyncio.gather(*elsewhere)
+    assert first == ("finished task freed", True)
+    assert rest[-1] is None and set(rest[:len(expected)]) == expected
+    if ending == "exit":
+        assert rest[-2] == "exit"
+    assert walked == []
+
+
+async def _async_answer() -> int:
+    await asyncio.sleep(0)
+    return 42
+
+
+async def _subtask_exits_entry(port: SendPort) -> None:
+    async def failing() -> None:
+        raise ValueError("nobody awaits this task")
+
+    async def exiting() -> None:
+        await asyncio.sleep(0)
+        Isolate.exit(port, "exit from a task")
+
+    asyncio.create_task(failing())
+    await asyncio.sleep(0)
+    asyncio.create_task(exiting())
+
+
+async def test_the_task_that_unwinds_an_isolate_is_not_reported_as_unretrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The task whose step called Isolate.exit ends with the exception that
+    unwinds the isolate; asyncio must not log "Task exception was never
+    retrieved" for it when it is collected (it did on the asyncio backend, for
+    every Isolate.run of a coroutine function). A task that failed with an
+    error of its own and was never awaited is still reported."""
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    assert await Isolate.run(_async_answer) == 42
+    inbox = Inbox()
+    await Isolate.spawn(_subtask_exits_entry, inbox.send_port, on_exit=inbox.send_port, debug_name="subtask-exits")
+    assert await inbox.wait_for(2) == ["exit from a task", None]
+    inbox.close()
+    join_isolate_threads("subtask-exits")
+    gc.collect()
+    unretrieved = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert len(unretrieved) == 1 and "nobody awaits this task" in caplog.text
+    assert "_IsolateUnwind" not in caplog.text
+
+
+class _CountingSet(set):  # type: ignore[type-arg]
+    """A set that counts the items its iterations hand out."""
+
+    handed_out = 0
+
+    def __iter__(self) -> Any:
+        for item in super().__iter__():
+            _CountingSet.handed_out += 1
+            yield item
+
+
+def _many_timers_entry(port: SendPort) -> None:
+    loop = asyncio.get_running_loop()
+    watched = hasattr(loop, "_dart_timer_handles")  # the uvloop backend's liveness set
+    if watched:
+        loop._dart_timer_handles = _CountingSet(loop._dart_timer_handles)  # type: ignore[attr-defined]
+    fired: list[int] = []
+    n = 2000
+    handles = [loop.call_later(0.001 * (1 + i % 10), fired.append, i) for i in range(n)]
+    for h in handles[::2]:
+        h.cancel()
+
+    def report() -> None:
+        port.send((sorted(fired) == list(range(1, n, 2)), _CountingSet.handed_out if watched else None))
+
+    loop.call_later(0.02, report)
+
+
+async def test_a_spawned_isolate_checks_its_timers_in_constant_time_per_event() -> None:
+    """The liveness check after each event stops at the first timer that can
+    still fire: with 1,000 timers firing (and 1,000 cancelled), it hands out
+    a few items per event, not every waiting timer each time (2,000 events
+    x 1,000 timers before)."""
+    _CountingSet.handed_out = 0
+    inbox = Inbox()
+    await Isolate.spawn(_many_timers_entry, inbox.send_port, on_exit=inbox.send_port)
+    (all_fired, handed_out), exited = await inbox.wait_for(2)
+    inbox.close()
+    assert all_fired and exited is None
+    if handed_out is not None:
+        assert handed_out < 10 * 2000
 
 
 def _closed_port_entry(port: SendPort) -> None:

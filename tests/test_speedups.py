@@ -838,7 +838,7 @@ def test_uvloop_post_event_hooks(path: str) -> None:
 
 
 def _proxy_classes() -> list[Any]:
-    from dartloop import _isolate, _protocols
+    from dartloop import _protocols
 
     def make(method: Any) -> type:
         return type("Proxy", (_protocols._ProxyBase, asyncio.Protocol), {"__slots__": (), "data_received": method})
@@ -1740,6 +1740,10 @@ def test_instance_dict_keeps_its_keys_shared(backend: str, path: str) -> None:
             stock = asyncio.SelectorEventLoop()
             try:
                 assert type(loop).__basicsize__ == type(stock).__basicsize__
+                # A spawned isolate's loop class too (its mixin has no slots).
+                spawned = _loop._loop_class("asyncio", loop.strict, spawned=True)  # type: ignore[attr-defined]
+                assert spawned.__basicsize__ == type(stock).__basicsize__
+                assert spawned.__flags__ == type(loop).__flags__
             finally:
                 stock.close()
     finally:
