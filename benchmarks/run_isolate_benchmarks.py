@@ -19,7 +19,8 @@ a slow phase of a loaded machine does not always hit the same contender.
 * round trip (µs per ping-pong): dartloop between two isolates (handlers
   only); raw: two loops in two threads bouncing ``call_soon_threadsafe``.
 * spawn latency (µs): ``Isolate.spawn`` until the entry has run (it sends a
-  message), ``await Isolate.run(noop)``, next to ``threading.Thread``
+  message), ``await Isolate.run(noop)`` (also from a "busy spawner", one
+  with ``BUSY_TASKS`` tasks waiting, which must not slow it), next to ``threading.Thread``
   start+join, ``await asyncio.to_thread(noop)`` (stock asyncio, warm
   executor), and a floor for any loop-per-thread design: a thread that makes
   a stock selector loop, hands one result back with
@@ -343,13 +344,23 @@ def dart_spawn_latency(backend: str, k: int) -> list[float]:
     return dartloop.run(main(), backend=backend)
 
 
-def dart_run_latency(backend: str, k: int) -> list[float]:
+# Tasks the spawner holds while it times Isolate.run (the "busy spawner" rows):
+# an ending isolate must find its own leftover tasks without walking these.
+BUSY_TASKS = 10_000
+
+
+def dart_run_latency(backend: str, k: int, busy: int = 0) -> list[float]:
     async def main() -> list[float]:
+        release = asyncio.Event()
+        held = [asyncio.create_task(release.wait()) for _ in range(busy)]
+        await asyncio.sleep(0)
         samples = []
         for _ in range(k):
             t0 = perf()
             await Isolate.run(_noop)
             samples.append(perf() - t0)
+        release.set()
+        await asyncio.gather(*held)
         return samples
 
     return dartloop.run(main(), backend=backend)
@@ -511,6 +522,8 @@ def main() -> int:
         for b in BACKENDS:
             rows.append(Row(f"dartloop({b}) Isolate.spawn until entry ran", lambda b=b: statistics.median(dart_spawn_latency(b, k_spawn))))
             rows.append(Row(f"dartloop({b}) await Isolate.run(noop)", lambda b=b: statistics.median(dart_run_latency(b, k_spawn))))
+            rows.append(Row(f"dartloop({b}) Isolate.run(noop), busy spawner",
+                            lambda b=b: statistics.median(dart_run_latency(b, k_spawn, BUSY_TASKS))))
         rows.append(Row("threading.Thread(noop) start + join", lambda: statistics.median(thread_latency(k_spawn)), reference=True))
         rows.append(Row("floor: thread + stock loop in it + one reply + join", lambda: statistics.median(loop_thread_floor_latency(k_spawn))))
         rows.append(Row("await asyncio.to_thread(noop) (stock asyncio)", lambda: statistics.median(to_thread_latency(k_spawn))))
