@@ -28,7 +28,6 @@ import datetime
 import heapq
 import math
 from collections.abc import Callable
-from typing import Any
 
 from ._loop import DartEventLoop
 from ._microtasks import running_dart_loop
