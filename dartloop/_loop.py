@@ -1178,12 +1178,17 @@ if _uvloop is not None:
                     handles.discard(handle)
                 if live:
                     return True
-            for transport in self._dart_transports:
-                if not transport.is_closing():
-                    return True
-            for server in self._dart_servers:
-                if server.is_serving():
-                    return True
+            # Iterating a WeakSet costs a guard object and a generator; this
+            # runs in every probe, and most isolates have no transport.
+            transports, servers = self._dart_transports, self._dart_servers
+            if transports:
+                for transport in transports:
+                    if not transport.is_closing():
+                        return True
+            if servers:
+                for server in servers:
+                    if server.is_serving():
+                        return True
             return self._dart_native_pending()
 
         def _dart_check_idle(self) -> None:

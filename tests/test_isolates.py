@@ -40,6 +40,12 @@ from dartloop import (
 
 BACKENDS = dartloop.available_backends()
 
+# Strong references to tasks that wait on a future nothing else references.
+# Such a task is garbage: the cyclic GC may collect it (closing its coroutine
+# in whichever thread collects) before the isolate ends and cancels it, so a
+# test that expects it to be cancelled keeps it here and clears the list.
+_KEPT: list[Any] = []
+
 
 def _command_entry(port: SendPort) -> None:
     """A child that stays alive and obeys commands sent to the port it sends back.
@@ -383,7 +389,10 @@ async def test_run_joins_a_slow_teardown_without_blocking_the_loop() -> None:
         def boom() -> None:
             raise ValueError("boom")
 
-        asyncio.get_running_loop().create_task(lingering())
+        # Kept: a task waiting on a future that nothing else references is
+        # garbage, and the cyclic GC may collect it (and run its finally in
+        # whichever thread collects) before the isolate ends.
+        _KEPT.append(asyncio.get_running_loop().create_task(lingering()))
         Timer.run(boom)
         await asyncio.get_running_loop().create_future()
 
@@ -394,6 +403,7 @@ async def test_run_joins_a_slow_teardown_without_blocking_the_loop() -> None:
     assert isolate_threads("slow-teardown") == []
     assert threading.active_count() == before
     tearing_down.close()
+    _KEPT.clear()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -1028,7 +1038,7 @@ async def _leftover_task_entry(port: SendPort) -> None:
         finally:
             port.send("finally ran")
 
-    asyncio.get_running_loop().create_task(waiter())
+    _KEPT.append(asyncio.get_running_loop().create_task(waiter()))  # see _KEPT
     port.send("entry done")
 
 
@@ -1037,6 +1047,7 @@ async def test_waiting_tasks_are_cancelled_at_the_end() -> None:
     await Isolate.spawn(_leftover_task_entry, inbox.send_port, on_exit=inbox.send_port)
     assert await inbox.wait_for(4) == ["entry done", "cancelled", "finally ran", None]
     inbox.close()
+    _KEPT.clear()
 
 
 async def _many_ways_tasks_entry(message: tuple[SendPort, str]) -> None:
@@ -1067,10 +1078,12 @@ async def _many_ways_tasks_entry(message: tuple[SendPort, str]) -> None:
     await finished
     gone = weakref.ref(finished)
     del finished
-    loop.create_task(waiter("loop.create_task"))
-    asyncio.create_task(waiter("asyncio.create_task"))
-    asyncio.ensure_future(waiter("ensure_future"))
-    loop.create_task(group())
+    _KEPT.extend([  # see _KEPT
+        loop.create_task(waiter("loop.create_task")),
+        asyncio.create_task(waiter("asyncio.create_task")),
+        asyncio.ensure_future(waiter("ensure_future")),
+        loop.create_task(group()),
+    ])
     await all_waiting.wait()
     # A finished task is not kept by the isolate's own set of tasks.
     port.send(("finished task freed", gone() is None))
@@ -1109,6 +1122,7 @@ async def test_leftover_tasks_are_cancelled_without_walking_every_task(
     join_isolate_threads("many-ways")
     release.set()
     await asyncio.gather(*elsewhere)
+    _KEPT.clear()
     assert first == ("finished task freed", True)
     assert rest[-1] is None and set(rest[:len(expected)]) == expected
     if ending == "exit":
