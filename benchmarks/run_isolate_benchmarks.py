@@ -25,6 +25,9 @@ a slow phase of a loaded machine does not always hit the same contender.
   executor), and a floor for any loop-per-thread design: a thread that makes
   a stock selector loop, hands one result back with
   ``call_soon_threadsafe``, closes the loop and is joined.
+* events (events/s): a ``call_soon`` chain in the root isolate and inside
+  ``Isolate.run`` (a spawned isolate with no open port, whose liveness the
+  uvloop backend checks with a probe event each loop iteration).
 
 Targets (from the issue): one-way >= 2 M messages/s on both backends; round
 trip no worse than raw uvloop ``call_soon_threadsafe``; ``Isolate.run(noop)``
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import platform
 import queue
@@ -423,6 +427,44 @@ def to_thread_latency(k: int) -> list[float]:
     return asyncio.run(main())
 
 
+async def _call_soon_chain(n: int) -> float:
+    """Seconds for n call_soon events, each scheduling the next."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    left = n
+
+    def step() -> None:
+        nonlocal left
+        left -= 1
+        if left:
+            loop.call_soon(step)
+        else:
+            done.set_result(None)
+
+    t0 = perf()
+    loop.call_soon(step)
+    await done
+    return perf() - t0
+
+
+def _chain_entry(n: int) -> Any:
+    return _call_soon_chain(n)
+
+
+def root_chain(backend: str, n: int) -> float:
+    return dartloop.run(_call_soon_chain(n), backend=backend)
+
+
+def isolate_chain(backend: str, n: int) -> float:
+    """The same chain inside ``Isolate.run``: a spawned isolate with no open
+    port, whose liveness is checked as it runs."""
+
+    async def main() -> float:
+        return await Isolate.run(functools.partial(_chain_entry, n))
+
+    return dartloop.run(main(), backend=backend)
+
+
 # ---------------------------------------------------------------------------
 # The harness
 
@@ -466,14 +508,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages and rounds (a few seconds)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per group (default 7, quick 3)")
-    parser.add_argument("--only", choices=["oneway", "roundtrip", "spawn"], action="append", help="run only these groups")
+    parser.add_argument("--only", choices=["oneway", "roundtrip", "spawn", "events"], action="append", help="run only these groups")
     args = parser.parse_args()
     quick = args.quick
     rounds = args.rounds or (3 if quick else 7)
     n = 50_000 if quick else 300_000  # one-way messages per round
     k_rt = 500 if quick else 3_000  # round trips per round
     k_spawn = 40 if quick else 200  # spawns per round
-    groups = args.only or ["oneway", "roundtrip", "spawn"]
+    k_events = 20_000 if quick else 200_000  # call_soon events per round
+    groups = args.only or ["oneway", "roundtrip", "spawn", "events"]
 
     accelerated = getattr(sys.modules["dartloop._loop"], "SPEEDUPS", None) is not None
     print(
@@ -532,6 +575,15 @@ def main() -> int:
         print_table(f"Spawn latency (µs, median of per-round medians, {rounds} rounds of {k_spawn})", "µs", rows, False, lambda v: f"{v * 1e6:.1f}")
         for row in rows:
             results[row.name] = row.median
+
+    if "events" in groups:
+        rows = []
+        for b in BACKENDS:
+            rows.append(Row(f"dartloop({b}) root isolate", lambda b=b: k_events / root_chain(b, k_events), reference=(b == "asyncio")))
+            rows.append(Row(f"dartloop({b}) inside Isolate.run", lambda b=b: k_events / isolate_chain(b, k_events)))
+        print(f"events in an isolate, call_soon chain of {k_events}", end=" ", flush=True)
+        run_group(rows, rounds)
+        print_table(f"Event rate, root vs spawned isolate (events/s, median of {rounds} rounds)", "events/s", rows, True, lambda v: f"{v / 1e6:.3f} M")
 
     print("\nTargets:")
     if "oneway" in groups:
