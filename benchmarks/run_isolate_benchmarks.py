@@ -447,10 +447,6 @@ async def _call_soon_chain(n: int) -> float:
     return perf() - t0
 
 
-def _chain_entry(n: int) -> Any:
-    return _call_soon_chain(n)
-
-
 def root_chain(backend: str, n: int) -> float:
     return dartloop.run(_call_soon_chain(n), backend=backend)
 
@@ -460,7 +456,7 @@ def isolate_chain(backend: str, n: int) -> float:
     port, whose liveness is checked as it runs."""
 
     async def main() -> float:
-        return await Isolate.run(functools.partial(_chain_entry, n))
+        return await Isolate.run(functools.partial(_call_soon_chain, n))
 
     return dartloop.run(main(), backend=backend)
 

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ._errors import IsolateSpawnException, RemoteError, _IsolateKilled, _IsolateUnwind
-from ._loop import SPEEDUPS, DartEventLoop, _leftover_tasks, _new_spawned_loop
+from ._loop import SPEEDUPS, DartEventLoop, _loop_class
 from ._message import check_message, prepare_message
 from ._microtasks import running_dart_loop
 from ._ports import Capability, RawReceivePort, SendPort, _new_port_id, _PortCore
@@ -537,7 +537,7 @@ class _IsolateState:
             if loop.backend == "uvloop":
                 # Only uvloop steps tasks on the way out; the asyncio backend
                 # leaves run_forever at once and _finish cancels them.
-                for task in _leftover_tasks(loop):
+                for task in loop._dart_leftover_tasks():  # type: ignore[attr-defined]
                     task.cancel()
         raise kind(reason) from cause
 
@@ -597,7 +597,7 @@ class _IsolateState:
         """Make the isolate's loop and queue its entry. Spawner's thread, before
         the isolate's thread starts (which then has only to run the loop, so
         the spawner need not wait for it)."""
-        loop = _new_spawned_loop(backend, strict)
+        loop = _loop_class(backend, strict, spawned=True)(strict=strict)
         self.bind_loop(loop)
         self.thread_id = None  # set by thread_main, in the isolate's own thread
         if self.resume_caps:
@@ -719,7 +719,7 @@ class _IsolateState:
     def _cancel_leftovers(self, loop: DartEventLoop) -> None:
         if loop.is_closed():
             return
-        tasks = _leftover_tasks(loop)
+        tasks = loop._dart_leftover_tasks()  # type: ignore[attr-defined]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -755,10 +755,7 @@ def _retrieve_unwinds(loop: DartEventLoop) -> None:
     asyncio backend, which leaves ``run_forever`` at once, even for the
     ``Isolate.run`` entry task). Other exceptions are left to be reported.
     """
-    tasks = loop._dart_tasks
-    if tasks is None:
-        return
-    for task in list(tasks):
+    for task in list(loop._dart_tasks):  # type: ignore[attr-defined]
         # _exception reads it without retrieving it (both the C and the Python Task).
         if task.done() and isinstance(getattr(task, "_exception", None), _IsolateUnwind):
             task.exception()

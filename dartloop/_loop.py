@@ -120,7 +120,6 @@ class DartEventLoop(asyncio.AbstractEventLoop):
     _dart_used_asyncgens: bool
     _dart_oob: collections.deque[Any]
     _dart_unwinding: bool
-    _dart_tasks: weakref.WeakSet[asyncio.Task[Any]] | None
 
     # True for the classes whose hot paths are in dartloop/_speedups.c; the
     # isolate then dispatches native batches with the C loop too.
@@ -154,9 +153,6 @@ class DartEventLoop(asyncio.AbstractEventLoop):
         # error): from then on only what cancelling its leftover tasks needs
         # runs (see _dart_keep_while_unwinding).
         f._dart_unwinding = False
-        # A spawned isolate's loop: the tasks made by create_task (see
-        # _SpawnedMixin); None on every other loop.
-        f._dart_tasks = None
 
     @staticmethod
     def _dart_keep_while_unwinding(callback: Callable[..., object], args: tuple[Any, ...]) -> bool:
@@ -734,22 +730,25 @@ class _SpawnedMixin:
     call. (A ``Task`` constructed directly, which asyncio's documentation
     discourages, is not in it.)
 
-    Only spawned isolates' loops get this class, so no other loop pays for the
-    extra call in ``create_task``.
+    Only spawned isolates' loops get this class (``_loop_class(...,
+    spawned=True)``), so no other loop pays for the extra call in
+    ``create_task``.
     """
+
+    _dart_tasks: weakref.WeakSet[asyncio.Task[Any]]
+
+    def __init__(self, *, strict: bool = False) -> None:
+        super().__init__(strict=strict)  # type: ignore[call-arg]
+        self._dart_tasks = weakref.WeakSet()
 
     def create_task(self, coro: Any, *args: Any, **kwargs: Any) -> Any:
         task = super().create_task(coro, *args, **kwargs)  # type: ignore[misc]
-        self._dart_tasks.add(task)  # type: ignore[attr-defined]
+        self._dart_tasks.add(task)
         return task
 
-
-def _leftover_tasks(loop: DartEventLoop) -> list[asyncio.Task[Any]]:
-    """The loop's tasks that are not done yet: its own set where it keeps one."""
-    tasks = loop._dart_tasks
-    if tasks is None:
-        return [t for t in asyncio.all_tasks(loop) if not t.done()]
-    return [t for t in tasks if not t.done()]
+    def _dart_leftover_tasks(self) -> list[asyncio.Task[Any]]:
+        """The tasks this loop made that are not done yet."""
+        return [t for t in self._dart_tasks if not t.done()]
 
 
 class _MicrotaskHandle(asyncio.Handle):
@@ -1174,8 +1173,7 @@ if _uvloop is not None:
                         live = True
                         break
                     dead.append(handle)
-                for handle in dead:
-                    handles.discard(handle)
+                handles.difference_update(dead)
                 if live:
                     return True
             # Iterating a WeakSet costs a guard object and a generator; this
@@ -1354,13 +1352,6 @@ def _loop_class(backend: str, strict: bool, spawned: bool = False) -> type[DartE
                 cls = base
         _CLASSES[key] = cls
     return cls
-
-
-def _new_spawned_loop(backend: str, strict: bool) -> DartEventLoop:
-    """The loop of a spawned isolate: ``new_event_loop``'s class with :class:`_SpawnedMixin`."""
-    loop = _loop_class(backend, strict, spawned=True)(strict=strict)
-    loop._dart_tasks = weakref.WeakSet()
-    return loop
 
 
 def available_backends() -> tuple[str, ...]:
